@@ -1,0 +1,24 @@
+"""Shared fixtures: a corpus and a tokenizer made by the tests themselves (no network, no shared files)."""
+
+import json
+
+import pytest
+
+from training_harness.tokenization import default_corpus_path, train_byte_level_tokenizer
+
+
+@pytest.fixture(scope="session")
+def corpus_texts() -> list[str]:
+    return [json.loads(line)["text"] for line in default_corpus_path().read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory, corpus_texts):
+    return str(train_byte_level_tokenizer(corpus_texts, tmp_path_factory.mktemp("tok") / "tokenizer.json", 384))
+
+
+@pytest.fixture
+def corpus_file(tmp_path, corpus_texts):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts))
+    return path

@@ -1,0 +1,164 @@
+"""The data pipeline on a test-made corpus and tokenizer: exact counts, splits, windows, failures."""
+
+import json
+
+import numpy as np
+import pytest
+
+from training_harness import prepare_data
+from training_harness.data import TokenWindows
+from training_harness.errors import DataError
+from training_harness.prepare_data import PrepareConfig, is_validation, prepare
+from training_harness.tokenization import load_tokenizer
+
+
+def expected_splits(texts, tokenizer_file, fraction):
+    tokenizer = load_tokenizer(tokenizer_file)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    splits = {"train": [], "val": []}
+    for index, text in enumerate(texts):
+        split = "val" if is_validation(index, fraction) else "train"
+        splits[split].append((tokenizer(text, add_special_tokens=False)["input_ids"] + [eos], text))
+    return splits
+
+
+def test_exact_counts_eos_and_document_split(tmp_path, corpus_file, corpus_texts, tokenizer_file):
+    out = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file,
+                                output_dir=str(tmp_path / "data"), val_fraction=0.25, workers=1))
+    meta = json.loads((out / "meta.json").read_text())
+    expected = expected_splits(corpus_texts, tokenizer_file, 0.25)
+    assert meta["eos_id"] == 0 and meta["dtype"] == "uint16" and meta["vocab_size"] == 384
+    for split, docs in expected.items():
+        tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+        # Every document's tokens, then its EOS, nothing else: no padding, no truncation.
+        assert tokens.tolist() == [t for ids, _ in docs for t in ids]
+        assert meta["splits"][split]["tokens"] == len(tokens)
+        assert meta["splits"][split]["documents"] == len(docs)
+        assert meta["splits"][split]["utf8_bytes"] == sum(len(text.encode()) for _, text in docs)
+    assert meta["splits"]["val"]["documents"] == 7  # 28 documents, every fourth held out
+    val_texts = {text for _, text in expected["val"]}
+    assert val_texts.isdisjoint(text for _, text in expected["train"])
+
+
+def test_worker_processes_give_identical_output(tmp_path, corpus_file, tokenizer_file):
+    one = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "a"),
+                                val_fraction=0.1, workers=1))
+    two = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "b"),
+                                val_fraction=0.1, workers=2, batch_documents=5))
+    for split in ("train.bin", "val.bin"):
+        assert (one / split).read_bytes() == (two / split).read_bytes()
+
+
+def test_max_tokens_bounds_training_split(tmp_path, corpus_file, tokenizer_file):
+    out = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "d"),
+                                val_fraction=0.25, max_tokens=1500, workers=1))
+    train = json.loads((out / "meta.json").read_text())["splits"]["train"]
+    assert 1000 < train["tokens"] <= 1500
+    assert train["documents"] < 21
+
+
+def test_windows_shift_by_exactly_one_and_are_deterministic(tmp_path, corpus_file, tokenizer_file):
+    out = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "d"),
+                                val_fraction=0.25, workers=1))
+    windows = TokenWindows(out, "train", seq_len=32)
+    x, y = windows.training_batch(seed=1, step=3, micro_step=0, rank=0, batch_size=4)
+    assert x.shape == y.shape == (4, 32)
+    assert torch_equal(x[:, 1:], y[:, :-1])
+    tokens = np.asarray(windows.tokens, dtype=np.int64)
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        start = next(s for s in range(len(tokens) - 32) if (tokens[s:s + 32] == row_x).all())
+        assert (tokens[start + 1:start + 33] == row_y).all()
+    again, _ = windows.training_batch(seed=1, step=3, micro_step=0, rank=0, batch_size=4)
+    other_rank, _ = windows.training_batch(seed=1, step=3, micro_step=0, rank=1, batch_size=4)
+    assert torch_equal(x, again) and not torch_equal(x, other_rank)
+    seq, _ = windows.training_batch(seed=1, step=0, micro_step=1, rank=0, batch_size=2, order="sequential",
+                                    micro_steps=2, world_size=1)
+    assert seq[0, 0].item() == tokens[2 * 32] and seq[1, 0].item() == tokens[3 * 32]
+
+
+def test_validation_reads_a_fixed_set(tmp_path, corpus_file, tokenizer_file):
+    out = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "d"),
+                                val_fraction=0.25, workers=1))
+    windows = TokenWindows(out, "val", seq_len=16)
+    first = [x for x, _ in windows.validation_batches(windows=5, batch_size=2)]
+    second = [x for x, _ in windows.validation_batches(windows=5, batch_size=2)]
+    assert [b.shape[0] for b in first] == [2, 2, 1]
+    assert all(torch_equal(a, b) for a, b in zip(first, second))
+
+
+def torch_equal(a, b):
+    return bool((a == b).all())
+
+
+def test_interrupted_prepare_leaves_nothing_complete_then_resumes(tmp_path, corpus_file, tokenizer_file,
+                                                                  monkeypatch):
+    config = PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "d"),
+                           val_fraction=0.25, workers=1, batch_documents=4)
+    original = prepare_data._SplitWriter.write
+    calls = {"n": 0}
+
+    def interrupt_midway(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        original(self, *args)
+
+    monkeypatch.setattr(prepare_data._SplitWriter, "write", interrupt_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config)
+    assert list(tmp_path.iterdir()) == [corpus_file]
+    monkeypatch.setattr(prepare_data._SplitWriter, "write", original)
+    (tmp_path / ".d.partial").mkdir()  # debris of a run killed with SIGKILL
+    out = prepare(config)
+    assert json.loads((out / "meta.json").read_text())["splits"]["val"]["documents"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "d"]
+    mtime = (out / "train.bin").stat().st_mtime_ns
+    assert prepare(config) == out and (out / "train.bin").stat().st_mtime_ns == mtime  # reused, not redone
+
+
+def run_cli(capsys, *args):
+    code = prepare_data.main(list(args))
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "no documents"),
+        ('{"text": "fine"}\nnot json\n', "corpus.jsonl:2: not valid JSON"),
+        ('{"text": "fine"}\n{"body": "x"}\n', "corpus.jsonl:2: no 'text' field"),
+    ],
+)
+def test_bad_input_is_one_line_error_without_output(tmp_path, capsys, tokenizer_file, content, message):
+    source = tmp_path / "corpus.jsonl"
+    source.write_text(content)
+    code, err = run_cli(capsys, "--source", str(source), "--tokenizer", tokenizer_file,
+                        "--output_dir", str(tmp_path / "out"), "--workers", "1")
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_missing_path_and_unloadable_tokenizer(tmp_path, capsys, corpus_file, tokenizer_file):
+    code, err = run_cli(capsys, "--source", str(tmp_path / "nope.jsonl"), "--tokenizer", tokenizer_file,
+                        "--output_dir", str(tmp_path / "out"), "--workers", "1")
+    assert code == 2 and "nope.jsonl: no such file" in err
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not a tokenizer")
+    code, err = run_cli(capsys, "--source", str(corpus_file), "--tokenizer", str(broken),
+                        "--output_dir", str(tmp_path / "out"), "--workers", "1")
+    assert code == 2 and "cannot load tokenizer" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocabulary_too_big_for_dtype():
+    with pytest.raises(DataError, match="does not fit uint16"):
+        prepare_data._token_dtype("uint16", 151_936)
+    assert prepare_data._token_dtype("auto", 151_936) == np.uint32
+    assert prepare_data._token_dtype("auto", 50_304) == np.uint16
+
+
+def test_corpus_smaller_than_one_window(tmp_path, corpus_file, tokenizer_file):
+    out = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "d"),
+                                val_fraction=0.25, workers=1))
+    with pytest.raises(DataError, match="fewer than one window"):
+        TokenWindows(out, "val", seq_len=100_000)

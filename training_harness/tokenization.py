@@ -1,0 +1,71 @@
+"""Loading a tokenizer from a hub id, a folder or a tokenizer.json, and finding its end-of-text id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from training_harness.errors import DataError
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def load_tokenizer(id_or_path: str):
+    """A fast tokenizer from a local folder, a ``tokenizer.json`` file or a hub id."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(id_or_path)
+    try:
+        if path.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        if path.is_dir() and not (path / "tokenizer_config.json").exists():
+            return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        return AutoTokenizer.from_pretrained(id_or_path)
+    except Exception as error:
+        raise DataError(
+            f"cannot load tokenizer {id_or_path!r} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "pass a hub id (online) or a local folder or tokenizer.json (offline)"
+        ) from error
+
+
+def end_of_text_id(tokenizer) -> int:
+    """The document separator: ``<|endoftext|>`` where the vocabulary has it, else the EOS token.
+
+    Qwen's config names ``<|im_end|>`` as EOS, but its pretraining separator is ``<|endoftext|>``.
+    """
+    token_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    if token_id is not None and token_id != tokenizer.unk_token_id:
+        return int(token_id)
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer has neither {END_OF_TEXT} nor an EOS token to separate documents")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenizer_name(id_or_path: str) -> str:
+    """A folder-safe name: the folder's name for local tokenizers, the hub id with '--' for '/'."""
+    path = Path(id_or_path)
+    if path.is_file():
+        return path.resolve().parent.name
+    if path.exists():
+        return path.resolve().name
+    return id_or_path.replace("/", "--")
+
+
+def train_byte_level_tokenizer(texts: list[str], output_file: str | Path, vocab_size: int = 512) -> Path:
+    """A small byte-level BPE with ``<|endoftext|>``, trained offline: for smoke tests and unit tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    output_file = Path(output_file)
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(output_file))
+    return output_file
+
+
+def default_corpus_path() -> Path:
+    """The small corpus shipped with the package, for runs with no download."""
+    return Path(__file__).with_name("default_corpus.jsonl")
