@@ -1,0 +1,1 @@
+"""Mamba-1: a selective state-space model (mamba-ssm kernels on CUDA)."""

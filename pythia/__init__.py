@@ -1,0 +1,1 @@
+"""Pythia: a GPT-NeoX transformer (transformers' GPTNeoX implementation)."""

@@ -1,0 +1,56 @@
+"""Pythia (GPT-NeoX): rotary on 25 % of each head, parallel residual, FFN 4x, untied output head."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from transformers import GPTNeoXConfig, GPTNeoXModel
+
+from qwen.model import attention_flops_per_token
+from training_harness.lm import CausalLM
+from training_harness.registry import ModelFamily
+
+_PAPER = {
+    "0.5B": dict(layers=24, d_model=1024, heads=16),
+    "1.5B": dict(layers=32, d_model=2048, heads=16),
+    "3B": dict(layers=32, d_model=2560, heads=32),
+}
+SHAPES = {
+    "paper": _PAPER,
+    "matched": {
+        "0.5B": dict(layers=30, d_model=1024, heads=16),
+        "1.5B": dict(layers=26, d_model=2048, heads=16),
+        "3B": dict(layers=32, d_model=2560, heads=32),
+    },
+    "tiny": {size: dict(layers=2, d_model=64, heads=4) for size in _PAPER},
+}
+
+
+class GPTNeoXBackbone(nn.Module):
+    def __init__(self, config: GPTNeoXConfig):
+        super().__init__()
+        self.model = GPTNeoXModel(config)
+        self.blocks = self.model.layers
+        self.embedding = self.model.embed_in
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D), final LayerNorm
+
+
+def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=shape["d_model"], num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"], intermediate_size=4 * shape["d_model"], hidden_act="gelu",
+        max_position_embeddings=8192, use_parallel_residual=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25},
+        attn_implementation="sdpa",
+    )
+    # Pythia's output head is separate from the input embedding, initialised like its other linears.
+    return CausalLM(GPTNeoXBackbone(config), vocab_size, shape["d_model"], tie_embeddings=False,
+                    kernel_path="torch SDPA (flash/efficient attention on CUDA)",
+                    head_init_std=config.initializer_range)
+
+
+FAMILY = ModelFamily(
+    name="pythia", display_name="Pythia", default_tokenizer="EleutherAI/pythia-410m", shapes=SHAPES, build=build,
+    sequence_flops_per_token=attention_flops_per_token,
+)

@@ -1,0 +1,1 @@
+"""Qwen2.5: a GQA transformer (transformers' Qwen2 implementation)."""

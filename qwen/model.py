@@ -1,0 +1,57 @@
+"""Qwen2.5 at the study's shapes: transformers' Qwen2Model backbone, SDPA attention, tied embeddings."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from transformers import Qwen2Config, Qwen2Model
+
+from training_harness.lm import CausalLM
+from training_harness.registry import ModelFamily
+
+_PAPER = {
+    "0.5B": dict(layers=24, d_model=896, heads=14, kv_heads=2, ffn=4864),
+    "1.5B": dict(layers=28, d_model=1536, heads=12, kv_heads=2, ffn=8960),
+    "3B": dict(layers=36, d_model=2048, heads=16, kv_heads=2, ffn=11008),
+}
+SHAPES = {
+    "paper": _PAPER,
+    "matched": _PAPER,  # already within 10 % of nominal: 494M, 1.54B, 3.09B
+    "tiny": {size: dict(layers=2, d_model=64, heads=4, kv_heads=2, ffn=128) for size in _PAPER},
+}
+
+
+class Qwen2Backbone(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.model = Qwen2Model(config)
+        self.blocks = self.model.layers
+        self.embedding = self.model.embed_tokens
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D), final RMSNorm
+
+
+def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=shape["d_model"], intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], max_position_embeddings=32768, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        attn_implementation="sdpa",
+    )
+    return CausalLM(Qwen2Backbone(config), vocab_size, shape["d_model"], tie_embeddings=True,
+                    kernel_path="torch SDPA (flash/efficient attention on CUDA)")
+
+
+def attention_flops_per_token(shape: dict, seq_len: int) -> float:
+    """Causal attention scores and values: 6 x layers x T x d_attn (PaLM, Chowdhery et al. 2022, App. B,
+    12 x L x d x T halved for the causal mask)."""
+    head_dim = shape["d_model"] // shape["heads"]
+    return 6.0 * shape["layers"] * seq_len * shape["heads"] * head_dim
+
+
+FAMILY = ModelFamily(
+    name="qwen", display_name="Qwen2.5", default_tokenizer="Qwen/Qwen2.5-0.5B", shapes=SHAPES, build=build,
+    sequence_flops_per_token=attention_flops_per_token,
+    min_vocab_rows={"paper": 151_936, "matched": 151_936},
+)

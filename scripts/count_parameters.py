@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Print every family x size's real parameter count (built on the meta device) as CSV lines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, count_on_meta, get_family  # noqa: E402
+
+#: Tokenizer vocabularies of the spec's defaults (Qwen2.5: 151,665 with added tokens; GPT-NeoX-20B: 50,277).
+TOKENIZER_VOCAB = {"Qwen/Qwen2.5-0.5B": 151_665, "EleutherAI/pythia-410m": 50_277}
+COLUMNS = ("family", "size", "preset", "params", "params_vs_nominal", "layers", "d_model", "vocab_rows",
+           "gflops_per_token_8k")
+
+
+def rows(preset: str, seq_len: int = 8192):
+    for name in FAMILY_MODULES:
+        family = get_family(name)
+        for size in SIZES:
+            counted = count_on_meta(family, size, preset, TOKENIZER_VOCAB[family.default_tokenizer], seq_len)
+            nominal = float(size.rstrip("B")) * 1e9
+            yield {"family": name, "size": size, "preset": preset, "params": counted["params"],
+                   "params_vs_nominal": f"{counted['params'] / nominal - 1:+.1%}", "layers": counted["layers"],
+                   "d_model": counted["d_model"], "vocab_rows": counted["vocab_rows"],
+                   "gflops_per_token_8k": f"{counted['flops_per_token'] / 1e9:.3f}"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    args = parser.parse_args()
+    print(",".join(COLUMNS))
+    for row in rows(args.preset):
+        print(",".join(str(row[c]) for c in COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The four families: tiny shapes learn, counts match the docs, reference paths match recurrences."""
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mamba.model as mamba_model
+import rwkv.model as rwkv_model
+from rwkv.wkv7 import wkv7_reference
+from training_harness.lm import chunked_cross_entropy
+from training_harness.registry import FAMILY_MODULES, count_on_meta, get_family
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 256
+
+
+def relative_error(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_MODULES))
+def test_tiny_model_learns_one_batch(name):
+    torch.manual_seed(0)
+    family = get_family(name)
+    model = family.build(family.shape("0.5B", "tiny"), VOCAB, "cpu", False)
+    tokens = torch.randint(0, VOCAB, (2, 33))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs)
+    assert logits.shape == (2, 32, VOCAB)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = model(inputs, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_paper_counts_match_docs():
+    table = (ROOT / "docs" / "models.md").read_text().split("## `matched`")[0]
+    documented = {(m[0], m[1]): int(m[2].replace(",", ""))
+                  for m in re.findall(r"^\| (\w+) \| ([\d.]+B) \| ([\d,]+) \|", table, re.M)}
+    assert len(documented) == 12
+    vocab = {"qwen": 151_665}
+    for (name, size), params in documented.items():
+        counted = count_on_meta(get_family(name), size, "paper", vocab.get(name, 50_277))
+        assert counted["params"] == params, (name, size)
+
+
+def test_matched_preset_is_within_ten_percent():
+    for name in FAMILY_MODULES:
+        for size in ("0.5B", "1.5B", "3B"):
+            counted = count_on_meta(get_family(name), size, "matched", 151_665 if name == "qwen" else 50_277)
+            assert abs(counted["params"] / (float(size[:-1]) * 1e9) - 1) <= 0.10, (name, size)
+
+
+def test_vocabulary_rows_are_padded_to_64():
+    assert get_family("pythia").vocab_rows(50_277, "paper") == 50_304
+    assert get_family("qwen").vocab_rows(151_665, "paper") == 151_936
+    assert get_family("qwen").vocab_rows(384, "tiny") == 384
+
+
+def test_chunked_cross_entropy_equals_full():
+    hidden = torch.randn(3, 50, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 97, (3, 50))
+    loss = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=32)
+    ref = F.cross_entropy((hidden @ weight.t()).reshape(-1, 97), labels.reshape(-1))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-12)
+
+
+def wkv7_official_layout(r, w, k, v, a, b):
+    """Token by token, head by head, with the (V, K) state of the official RWKV-7 code:
+    state = state * exp(w) + state @ (a^T b) + v^T k;  out = state @ r."""
+    batch, length, heads, size = r.shape
+    out = torch.zeros(batch, length, heads, size, dtype=torch.float64)
+    for n in range(batch):
+        for h in range(heads):
+            state = torch.zeros(size, size, dtype=torch.float64)
+            for t in range(length):
+                ab = torch.outer(a[n, t, h], b[n, t, h])
+                vk = torch.outer(v[n, t, h], k[n, t, h])
+                state = state * torch.exp(w[n, t, h]).view(1, -1) + state @ ab + vk
+                out[n, t, h] = state @ r[n, t, h]
+    return out
+
+
+def test_rwkv_reference_matches_token_by_token_recurrence():
+    torch.manual_seed(1)
+    shape = (2, 63, 3, 8)  # odd length
+    r, k, v = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
+    w = -math.exp(-0.5) * torch.rand(shape, dtype=torch.float64)
+    kk = F.normalize(torch.randn(shape, dtype=torch.float64), dim=-1)
+    iclr = torch.rand(shape, dtype=torch.float64)
+    out, state = wkv7_reference(r, w, k, v, -kk, kk * iclr)
+    ref = wkv7_official_layout(r, w, k, v, -kk, kk * iclr)
+    assert relative_error(out, ref) < 1e-6
+    assert state.shape == (2, 3, 8, 8)
+
+
+def mamba_token_by_token(mixer, hidden):
+    """The mixer as at inference: a rolling conv window and an SSM state, one token at a time."""
+    batch, length, _ = hidden.shape
+    d_inner, rank = mixer.d_inner, mixer.dt_rank
+    A = -torch.exp(mixer.A_log.double())
+    conv_window = torch.zeros(batch, d_inner, mamba_model.D_CONV, dtype=torch.float64)
+    state = torch.zeros(batch, d_inner, mamba_model.D_STATE, dtype=torch.float64)
+    weight = mixer.conv1d.weight.double().squeeze(1)  # (E, K)
+    outputs = []
+    for t in range(length):
+        x, z = (hidden[:, t].double() @ mixer.in_proj.weight.double().t()).chunk(2, dim=-1)
+        conv_window = torch.cat([conv_window[:, :, 1:], x.unsqueeze(-1)], dim=-1)
+        x = F.silu((conv_window * weight).sum(-1) + mixer.conv1d.bias.double())
+        projected = x @ mixer.x_proj.weight.double().t()
+        dt, B, C = projected.split([rank, mamba_model.D_STATE, mamba_model.D_STATE], dim=-1)
+        delta = F.softplus(dt @ mixer.dt_proj.weight.double().t() + mixer.dt_proj.bias.double())
+        state = torch.exp(delta.unsqueeze(-1) * A) * state + (delta * x).unsqueeze(-1) * B.unsqueeze(1)
+        y = (state * C.unsqueeze(1)).sum(-1) + mixer.D.double() * x
+        outputs.append((y * F.silu(z)) @ mixer.out_proj.weight.double().t())
+    return torch.stack(outputs, dim=1)
+
+
+def test_mamba_reference_matches_token_by_token_scan():
+    torch.manual_seed(2)
+    mixer = mamba_model.MambaMixer(d_model=32, fused=False)
+    hidden = torch.randn(2, 37, 32)
+    out = mixer(hidden)
+    assert relative_error(out.double(), mamba_token_by_token(mixer, hidden)) < 1e-5
+
+
+def test_cuda_without_fused_kernels_refuses(monkeypatch):
+    monkeypatch.setattr(mamba_model, "fused_kernels_available", lambda: False)
+    with pytest.raises(RuntimeError, match="--allow_slow_kernels"):
+        mamba_model.build(mamba_model.SHAPES["tiny"]["0.5B"], VOCAB, "cuda", allow_slow_kernels=False)
+    slow = mamba_model.build(mamba_model.SHAPES["tiny"]["0.5B"], VOCAB, "cuda", allow_slow_kernels=True)
+    assert slow.kernel_path == mamba_model.REFERENCE_PATH
+    monkeypatch.setattr(rwkv_model, "fla_available", lambda: False)
+    with pytest.raises(RuntimeError, match="flash-linear-attention"):
+        rwkv_model.build(rwkv_model.SHAPES["tiny"]["0.5B"], VOCAB, "cuda", allow_slow_kernels=False)
+
+
+def test_flops_per_token_counts_matmuls_and_mixing():
+    family = get_family("qwen")
+    counted = count_on_meta(family, "0.5B", "paper", 151_665, seq_len=8192)
+    non_embedding = 24 * (896 * 896 * 2 + 896 * 128 * 2 + 3 * 896 * 4864)  # q, o, k, v, MLP weights
+    expected = 6 * (non_embedding + 151_936 * 896) + 6 * 24 * 8192 * 896
+    assert counted["flops_per_token"] == pytest.approx(expected)
+    assert math.isclose(counted["flops_per_token"] / 1e9, 4.0207, rel_tol=1e-4)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.gpu
+def test_rwkv_fla_kernel_matches_reference_with_gradients():
+    from rwkv.wkv7 import wkv7_fla
+
+    torch.manual_seed(3)
+    shape = (2, 1000, 4, 64)
+    device = "cuda"
+    r, k, v = (torch.randn(shape, device=device) for _ in range(3))
+    w = -math.exp(-0.5) * torch.rand(shape, device=device)
+    kk = F.normalize(torch.randn(shape, device=device), dim=-1)
+    iclr = torch.rand(shape, device=device)
+    inputs = [t.to(torch.bfloat16).requires_grad_() for t in (r, w, k, v, -kk, kk * iclr)]
+    reference = [t.detach().float().requires_grad_() for t in inputs]
+    out = wkv7_fla(*inputs)
+    ref, _ = wkv7_reference(*reference)
+    assert relative_error(out, ref) < 2e-2
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(out.dtype))
+    ref.backward(grad)
+    for got, want in zip(inputs, reference):
+        assert relative_error(got.grad, want.grad) < 5e-2
+
+
+@cuda
+@pytest.mark.gpu
+def test_mamba_fused_kernels_match_reference_with_gradients():
+    if not mamba_model.fused_kernels_available():
+        pytest.skip("mamba-ssm not installed")
+    torch.manual_seed(4)
+    fused = mamba_model.MambaMixer(d_model=256, fused=True).cuda()
+    plain = mamba_model.MambaMixer(d_model=256, fused=False).cuda()
+    plain.load_state_dict(fused.state_dict())
+    hidden = torch.randn(2, 257, 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fused(hidden)
+    ref = plain(hidden)
+    assert relative_error(out, ref) < 2e-2
+    out.float().sum().backward()
+    ref.sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        assert relative_error(p.grad, q.grad) < 5e-2, name

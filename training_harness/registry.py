@@ -1,0 +1,76 @@
+"""The model families, one registry line each, and the interface every family module provides."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from training_harness.lm import CausalLM, matmul_params, parameter_count, round_up
+
+SIZES = ("0.5B", "1.5B", "3B")
+#: preset -> what it means. ``tiny`` keeps the size names but shrinks every shape, for CPU tests.
+PRESETS = {
+    "paper": "the shapes of the study (spec.md), the default",
+    "matched": "shapes within 10 % of each nominal size",
+    "tiny": "a few million parameters, for tests and CPU smoke runs",
+}
+
+#: Adding a family: a folder with model.py defining FAMILY, a train script, and one line here.
+FAMILY_MODULES = {
+    "qwen": "qwen.model",
+    "pythia": "pythia.model",
+    "mamba": "mamba.model",
+    "rwkv": "rwkv.model",
+}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a family gives the harness."""
+
+    name: str
+    display_name: str
+    default_tokenizer: str
+    shapes: dict[str, dict[str, dict]]
+    """preset -> nominal size -> shape keyword arguments for ``build``."""
+    build: Callable[..., CausalLM]
+    """build(shape, vocab_size, device_type, allow_slow_kernels) -> CausalLM."""
+    sequence_flops_per_token: Callable[[dict, int], float]
+    """Training FLOPs per token that are not weight matmuls (attention scores, state updates)."""
+    min_vocab_rows: dict[str, int] | None = None
+    """Per preset, the embedding rows of the original model when larger than the padded vocabulary."""
+
+    def shape(self, size: str, preset: str) -> dict:
+        if preset not in self.shapes:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(self.shapes)}")
+        if size not in self.shapes[preset]:
+            raise ValueError(f"unknown size {size!r} for {self.name}; choose one of {sorted(self.shapes[preset])}")
+        return self.shapes[preset][size]
+
+    def vocab_rows(self, tokenizer_vocab: int, preset: str) -> int:
+        """Embedding rows: the tokenizer's vocabulary padded to a multiple of 64."""
+        return max(round_up(tokenizer_vocab, 64), (self.min_vocab_rows or {}).get(preset, 0))
+
+    def flops_per_token(self, model: CausalLM, shape: dict, seq_len: int) -> float:
+        """6 x matmul weights (forward 2, backward 4; Kaplan et al. 2020) + the sequence-mixing term."""
+        return 6.0 * matmul_params(model) + self.sequence_flops_per_token(shape, seq_len)
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILY_MODULES:
+        raise ValueError(f"unknown model family {name!r}; choose one of {sorted(FAMILY_MODULES)}")
+    return importlib.import_module(FAMILY_MODULES[name]).FAMILY
+
+
+def count_on_meta(family: ModelFamily, size: str, preset: str, tokenizer_vocab: int,
+                  seq_len: int = 8192) -> dict:
+    """Parameter count and FLOPs per token of a model built on the meta device (no memory used)."""
+    shape = family.shape(size, preset)
+    vocab = family.vocab_rows(tokenizer_vocab, preset)
+    with torch.device("meta"):
+        model = family.build(shape, vocab, "cpu", True)
+    return {"params": parameter_count(model), "vocab_rows": vocab,
+            "flops_per_token": family.flops_per_token(model, shape, seq_len), **shape}
