@@ -50,30 +50,39 @@ def integrate(
 ) -> float:
     """Trapezoid integral of a sampled signal over [start_s, end_s], linearly interpolated at the ends.
 
-    Raises ValueError unless at least two samples fall inside the window and no stretch of it
-    longer than ``max_gap_s`` went unsampled (a sampler that died mid-window): filling such a
-    hole would be a guess.
+    Raises ValueError when no sample lies within ``max_gap_s`` of some point of the window (the
+    sampler had stopped, or the window lies outside the samples): filling such a hole is a guess.
     """
     if end_s <= start_s:
         raise ValueError(f"empty window [{start_s}, {end_s}]")
     t = np.asarray(times_s, dtype=float)
     v = np.asarray(values, dtype=float)
-    inside = (t >= start_s) & (t <= end_s)
-    if inside.sum() < 2:
-        raise ValueError(f"{int(inside.sum())} sample(s) inside a {end_s - start_s:.3f} s window; need 2")
-    grid = np.concatenate(([start_s], t[inside], [end_s]))
-    widest = float(np.diff(grid).max())
+    if t.size == 0:
+        raise ValueError("no samples")
+    inside = (t > start_s) & (t < end_s)
+    before, after = t[t <= start_s], t[t >= end_s]
+    # The samples that bound the window: the last one at or before it, those inside, the first after it.
+    support = np.concatenate((before[-1:], t[inside], after[:1]))
+    edges = np.concatenate(([min(start_s, support[0])], support, [max(end_s, support[-1])]))
+    widest = float(np.diff(edges).max())
     if widest > max_gap_s:
         raise ValueError(f"a {widest:.3f} s stretch of the window has no sample (limit {max_gap_s:.3f} s)")
+    grid = np.concatenate(([start_s], t[inside], [end_s]))
     curve = np.interp(grid, t, v)
     return float(np.sum((curve[1:] + curve[:-1]) * np.diff(grid)) / 2.0)
 
 
-def time_average(
-    times_s: list[float], values: list[float], start_s: float, end_s: float, max_gap_s: float = math.inf
-) -> float:
-    """(1/T) * integral of the signal over the window: AMU's and AEC's definition."""
-    return integrate(times_s, values, start_s, end_s, max_gap_s) / (end_s - start_s)
+def integrate_segments(times_s: list[float], values: list[float], segments: list[tuple[float, float]],
+                       max_gap_s: float = math.inf) -> float:
+    """The integral over several disjoint [start, end] segments (a window with pauses)."""
+    return sum(integrate(times_s, values, start, end, max_gap_s) for start, end in segments)
+
+
+def time_average(times_s: list[float], values: list[float], segments: list[tuple[float, float]],
+                 max_gap_s: float = math.inf) -> float:
+    """(1/T) * integral of the signal over the window's segments: AMU's and AEC's definition."""
+    duration = sum(end - start for start, end in segments)
+    return integrate_segments(times_s, values, segments, max_gap_s) / duration
 
 
 def tokens_per_param_per_s(tokens: int, params: int, window_s: float) -> float:

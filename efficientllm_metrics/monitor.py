@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from efficientllm_metrics.backend import GpuBackend, open_nvml
-from efficientllm_metrics.formulas import integrate, time_average
+from efficientllm_metrics.formulas import integrate_segments, time_average
 from efficientllm_metrics.sampler import HOST, Sampler
 
 
@@ -89,6 +89,9 @@ class Monitor:
     Call ``start()`` right before the first iteration, ``iteration_done(tokens)`` after each
     optimizer step (it synchronizes the devices, so asynchronous kernels are inside the
     iteration they belong to), and ``stop()`` right after the last one, before evaluation.
+    Work between iterations that is not training (periodic evaluation, checkpoints) goes
+    between ``pause()`` and ``resume()``: the window is then several segments, and time,
+    energy and memory averages cover the segments only.
     """
 
     def __init__(
@@ -114,10 +117,16 @@ class Monitor:
         self._allocator = _CudaAllocator(cuda_indices)
         self._iterations = 0
         self._last_boundary: float | None = None
-        self._window_start: float | None = None
+        self._in_window = False
+        self._paused = False
+        self._segment_start: float | None = None
+        self._segments: list[tuple[float, float]] = []
         self._energy_start: tuple[float, list[float | None]] | None = None
+        self._energy_seconds = 0.0
+        self._energy_j: list[float | None] | None = None
         self._iteration_s: list[float] = []
         self._tokens = 0
+        self._measurement: RankMeasurement | None = None
 
     def start(self, thread: bool = True) -> None:
         """Begin sampling and mark the start of the first iteration."""
@@ -131,17 +140,35 @@ class Monitor:
 
     def iteration_done(self, tokens: int) -> None:
         """Close one optimizer iteration that processed ``tokens`` tokens on this rank."""
-        if self._last_boundary is None:
-            raise RuntimeError("Monitor.start() must be called before iteration_done()")
+        if self._last_boundary is None or self._paused:
+            raise RuntimeError("iteration_done() needs a started, unpaused Monitor")
         self._allocator.synchronize()  # a sync point: kernels of this iteration finish here
         now = self.clock()
         self._iterations += 1
-        if self._window_start is not None:
+        if self._in_window:
             self._iteration_s.append(now - self._last_boundary)
             self._tokens += tokens
         self._last_boundary = now
         if self._iterations == self.warmup_iterations:
             self._begin_window()
+
+    def pause(self) -> None:
+        """Leave the window (before evaluation or a checkpoint); idempotent."""
+        if self._paused or self._last_boundary is None:
+            return
+        self._paused = True
+        if self._in_window:
+            self._close_segment()
+
+    def resume(self) -> None:
+        """Re-enter the window; the next iteration is timed from here."""
+        if not self._paused:
+            return
+        self._paused = False
+        self._allocator.synchronize()
+        if self._in_window:
+            self._open_segment()
+        self._last_boundary = self.clock()
 
     def _read_energy(self) -> list[float | None]:
         readings: list[float | None] = []
@@ -154,13 +181,33 @@ class Monitor:
 
     def _begin_window(self) -> None:
         self._allocator.reset_peaks()
+        self._in_window = True
+        self._energy_j = [0.0 for _ in self._gpu_infos()]
+        self._open_segment()
+
+    def _open_segment(self) -> None:
         self._energy_start = (self.clock(), self._read_energy())
-        self._window_start = self.clock()
-        self._last_boundary = self._window_start
+        self._segment_start = self.clock()
+        self._last_boundary = self._segment_start
+
+    def _close_segment(self) -> None:
+        """End the segment at the last iteration boundary; add the energy counters' delta."""
+        read_at, readings = self.clock(), self._read_energy()
+        self._segments.append((self._segment_start, self._last_boundary))
+        self._energy_seconds += read_at - self._energy_start[0]
+        for gpu, (begin, end) in enumerate(zip(self._energy_start[1], readings)):
+            unsupported = begin is None or end is None or self._energy_j[gpu] is None
+            self._energy_j[gpu] = None if unsupported else self._energy_j[gpu] + end - begin
 
     def stop(self) -> RankMeasurement:
-        """End the window at the last iteration's boundary and stop sampling."""
-        energy_end = (self.clock(), self._read_energy())
+        """End the window at the last iteration's boundary and stop sampling (idempotent)."""
+        if self._measurement is None:
+            self._measurement = self._stop()
+        return self._measurement
+
+    def _stop(self) -> RankMeasurement:
+        if self._in_window and not self._paused:
+            self._close_segment()
         self.sampler.stop()
         allocated, reserved = self._allocator.peaks()
         health = asdict(self.sampler.health)
@@ -182,44 +229,43 @@ class Monitor:
             gpus = [GpuWindow(g.name, g.uuid, reasons={"all": reason}) for g in self._gpu_infos()]
             return RankMeasurement(window_s=None, energy_window_s=None, gpus=gpus, host_memory_mean_bytes=None,
                                    no_window_reason=reason, **base)
-        start, end = self._window_start, self._last_boundary
-        gpus = [self._gpu_window(i, start, end, energy_end) for i in range(len(self._gpu_infos()))]
+        gpus = [self._gpu_window(i) for i in range(len(self._gpu_infos()))]
         host = None
         if self.backend is None:
-            host = self._window_value(HOST, "memory_used_bytes", start, end, time_average, {}, "host_memory")
-        return RankMeasurement(window_s=end - start, energy_window_s=energy_end[0] - self._energy_start[0],
+            host = self._window_value(HOST, "memory_used_bytes", time_average, {}, "host_memory")
+        window_s = sum(end - start for start, end in self._segments)
+        return RankMeasurement(window_s=window_s, energy_window_s=self._energy_seconds,
                                gpus=gpus, host_memory_mean_bytes=host, **base)
 
     def _gpu_infos(self):
         return self.backend.gpus if self.backend else []
 
-    def _window_value(self, gpu, name, start, end, reduce, reasons, key):
+    def _window_value(self, gpu, name, reduce, reasons, key):
         times, values = self.sampler.series(gpu, name)
         # Ten missed ticks (at least 1 s) mean the sampler was not running, not a slow tick.
         max_gap_s = max(10 * self.sampler.interval_s, 1.0)
         try:
-            return reduce(times, values, start, end, max_gap_s)
+            return reduce(times, values, self._segments, max_gap_s)
         except ValueError as error:
             reasons[key] = f"{name}: {error}"
             return None
 
-    def _gpu_window(self, gpu: int, start: float, end: float, energy_end) -> GpuWindow:
+    def _gpu_window(self, gpu: int) -> GpuWindow:
         info = self.backend.gpus[gpu]
         window = GpuWindow(info.name, info.uuid)
-        window.memory_mean_bytes = self._window_value(gpu, "memory_used_bytes", start, end, time_average,
+        window.memory_mean_bytes = self._window_value(gpu, "memory_used_bytes", time_average,
                                                       window.reasons, "memory_mean_bytes")
         times, values = self.sampler.series(gpu, "memory_used_bytes")
-        inside = [v for t, v in zip(times, values) if start <= t <= end]
+        inside = [v for t, v in zip(times, values) if any(a <= t <= b for a, b in self._segments)]
         window.memory_peak_bytes = max(inside) if inside else None
-        window.power_mean_w = self._window_value(gpu, "power_w", start, end, time_average,
-                                                 window.reasons, "power_mean_w")
-        window.energy_integral_j = self._window_value(gpu, "power_w", start, end, integrate,
+        if window.memory_peak_bytes is None:
+            window.reasons["memory_peak_bytes"] = "no memory sample inside the window"
+        window.power_mean_w = self._window_value(gpu, "power_w", time_average, window.reasons, "power_mean_w")
+        window.energy_integral_j = self._window_value(gpu, "power_w", integrate_segments,
                                                       window.reasons, "energy_integral_j")
-        begin, finish = self._energy_start[1][gpu], energy_end[1][gpu]
-        if begin is None or finish is None:
+        window.energy_counter_j = self._energy_j[gpu]
+        if window.energy_counter_j is None:
             window.reasons["energy_counter_j"] = "NVML total-energy counter unsupported on this GPU"
-        else:
-            window.energy_counter_j = finish - begin
         return window
 
 

@@ -29,8 +29,15 @@ class GPTNeoXBackbone(nn.Module):
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
         self.model = GPTNeoXModel(config)
-        self.blocks = self.model.layers
-        self.embedding = self.model.embed_in
+
+    # Properties, not attributes: assigning the submodules again would register them twice.
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.embed_in
 
     def forward(self, input_ids):
         return self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D), final LayerNorm

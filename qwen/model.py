@@ -24,8 +24,15 @@ class Qwen2Backbone(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
         self.model = Qwen2Model(config)
-        self.blocks = self.model.layers
-        self.embedding = self.model.embed_tokens
+
+    # Properties, not attributes: assigning the submodules again would register them twice.
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     def forward(self, input_ids):
         return self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D), final RMSNorm

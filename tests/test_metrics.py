@@ -174,12 +174,38 @@ def test_interrupted_write_leaves_previous_file_intact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
-def test_integral_needs_samples_inside_window():
-    with pytest.raises(ValueError, match="need 2"):
-        integrate([0.0, 10.0], [1.0, 1.0], 2.0, 3.0)
+def test_integral_refuses_unsampled_stretches():
+    with pytest.raises(ValueError, match="no samples"):
+        integrate([], [], 2.0, 3.0)
     with pytest.raises(ValueError, match="no sample"):
         integrate([0, 1, 2, 3], [0, 1, 2, 3], 0.0, 9.0, max_gap_s=2.0)
-    assert integrate([0, 1, 2, 3], [0, 1, 2, 3], 0.5, 2.5) == pytest.approx(3.0)
+    assert integrate([0, 1, 2, 3], [0, 1, 2, 3], 0.5, 2.5, max_gap_s=1.0) == pytest.approx(3.0)
+    assert integrate([0.0, 10.0], [1.0, 3.0], 2.0, 3.0) == pytest.approx(1.5)  # interpolated inside one gap
+
+
+def test_paused_evaluation_is_outside_the_window():
+    clock = FakeClock()
+    monitor = Monitor([], warmup_iterations=1, sample_interval_s=0.5, backend=FakeGpu(clock), clock=clock)
+    monitor.start(thread=False)
+
+    def advance(seconds):
+        for _ in range(int(seconds / 0.5)):
+            clock.now += 0.5
+            monitor.sampler.sample_once()
+
+    for step in range(5):  # the window starts after step 0 at t = 1
+        advance(1.0)
+        monitor.iteration_done(100)
+        if step == 2:  # t = 3: a 10 s evaluation
+            monitor.pause()
+            advance(10.0)
+            monitor.resume()
+    measurement = monitor.stop()
+    assert measurement.iteration_s == [1.0, 1.0, 1.0, 1.0]
+    assert measurement.window_s == pytest.approx(4.0)
+    # Power 100 + 10 t over [1, 3] and [13, 15]: 2 * 100 + 5 * (9 - 1) + 2 * 100 + 5 * (225 - 169).
+    assert measurement.gpus[0].energy_integral_j == pytest.approx(720.0)
+    assert measurement.gpus[0].power_mean_w == pytest.approx(180.0)
 
 
 def test_mfu_unknown_gpu_is_null_with_reason():

@@ -1,0 +1,170 @@
+"""The harness end to end on CPU: each script, resume, failures, configs, and a 2-process gloo run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training_harness import trainer as trainer_module
+from training_harness.cli import main
+from training_harness.config import parse_config
+from training_harness.errors import EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM, ConfigError
+from training_harness.prepare_data import PrepareConfig, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--seq_len", "32", "--batch_size", "2", "--micro_batch_size", "1", "--device", "cpu",
+        "--eval_windows", "4", "--sample_interval_s", "0.02"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tokenizer_file, corpus_texts):
+    root = tmp_path_factory.mktemp("prepared")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts))
+    return str(prepare(PrepareConfig(source=str(corpus), tokenizer=tokenizer_file, output_dir=str(root / "data"),
+                                     val_fraction=0.2, workers=1)))
+
+
+def read_results(output: Path) -> dict:
+    return json.loads((output / "efficientllm_metrics.json").read_text())
+
+
+def losses(output: Path) -> list[float]:
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("family", ["qwen", "pythia", "mamba", "rwkv"])
+def test_script_runs_ten_steps_and_writes_every_output(family, data_dir, tmp_path):
+    output = tmp_path / "run"
+    script = ROOT / family / f"train_{family}_fineweb.py"
+    result = subprocess.run([sys.executable, str(script), "--model_size", "0.5B", "--data_path", data_dir,
+                             "--output_dir", str(output), "--max_steps", "10", *TINY],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = read_results(output)
+    assert results["status"] == "completed" and results["steps"] == 10 and results["model"] == family
+    assert results["tokens"] == (10 - 3) * 2 * 32  # warm-up: 3 iterations
+    assert results["al_s_per_iter"] > 0 and results["amu_gb"] > 0 and results["tt_tokens_per_param_s"] > 0
+    assert results["ppl"] > 1 and results["bpb"] > 0
+    assert results["aec_w"] is None and results["provenance"]["methods"]["aec_w"]
+    assert len(losses(output)) == 10
+    config = json.loads((output / "config.json").read_text())
+    assert config["accumulation_steps"] == 2 and config["kernel_path"] == results["kernel_path"]
+    assert (output / "checkpoint" / "model.safetensors").stat().st_size > 0
+    assert (output / "efficientllm_timeline.csv").read_text().startswith("time_s,rank,gpu,field,value")
+    assert any((output / "tensorboard").iterdir())
+
+
+def run_in_process(data_dir, output, *extra):
+    return main("qwen", ["--data_path", data_dir, "--output_dir", str(output), *TINY, *extra])
+
+
+def test_interrupt_then_resume_continues_the_same_loss_curve(data_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert run_in_process(data_dir, straight, "--max_steps", "8") == 0
+
+    original = trainer_module.Trainer.train_step
+
+    def signal_at_step_five(self):
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal: the handler stops at the next boundary
+        return original(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", signal_at_step_five)
+    resumed = tmp_path / "resumed"
+    assert run_in_process(data_dir, resumed, "--max_steps", "8") == EXIT_INTERRUPTED
+    assert read_results(resumed)["status"] == "interrupted" and read_results(resumed)["steps"] == 5
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", original)
+    assert run_in_process(data_dir, resumed, "--max_steps", "8", "--resume") == 0
+    assert read_results(resumed)["status"] == "completed" and read_results(resumed)["steps"] == 8
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    # A completed run is not run again.
+    assert run_in_process(data_dir, resumed, "--max_steps", "8", "--resume") == 0
+    assert len(losses(resumed)) == 8
+
+
+def test_out_of_memory_is_recorded(data_dir, tmp_path, monkeypatch):
+    original = trainer_module.Trainer.train_step
+
+    def oom_at_step_three(self):
+        if self.step == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", oom_at_step_three)
+    output = tmp_path / "oom"
+    assert run_in_process(data_dir, output, "--max_steps", "10") == EXIT_OOM
+    results = read_results(output)
+    assert results["status"] == "oom" and "Tried to allocate" in results["error"] and results["steps"] == 3
+    assert results["ppl"] is None
+
+
+def test_non_finite_loss_stops_the_run(data_dir, tmp_path, monkeypatch):
+    original = trainer_module.Trainer.train_step
+
+    def nan_at_step_two(self):
+        loss_sum, grad_norm = original(self)
+        return (loss_sum * float("nan") if self.step == 2 else loss_sum), grad_norm
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", nan_at_step_two)
+    output = tmp_path / "nan"
+    assert run_in_process(data_dir, output, "--max_steps", "10") == EXIT_NAN
+    results = read_results(output)
+    assert results["status"] == "nan" and "at step 3" in results["error"]
+
+
+def test_two_process_gloo_run_combines_ranks(data_dir, tmp_path):
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "pythia" / "train_pythia_fineweb.py"), "--data_path", data_dir, "--output_dir", str(output),
+               "--max_steps", "6", *TINY]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = read_results(output)
+    assert results["world_size"] == 2 and results["provenance"]["world_size"] == 2
+    # Global batch 2 over 2 ranks: one sequence each per step; tokens are the sum over ranks.
+    assert results["tokens"] == (6 - 3) * 2 * 32
+    assert (output / "efficientllm_timeline_rank1.csv").exists()
+
+
+def test_config_file_and_flags(tmp_path):
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"model": "rwkv", "model_size": "1.5B", "data_path": "d", "output_dir": "o",
+                                       "max_steps": 50, "lr": 3e-4}))
+    config = parse_config(["--config", str(config_file), "--max_steps", "7"], "rwkv", "")
+    assert (config.max_steps, config.lr, config.model_size, config.global_batch) == (7, 3e-4, "1.5B", 4)
+    assert config.batch_plan(world_size=1) == (4, 1)
+    with pytest.raises(ConfigError, match="trains qwen"):
+        parse_config(["--config", str(config_file)], "qwen", "")
+    config_file.write_text(json.dumps({"data_path": "d", "output_dir": "o", "learning_rate": 1}))
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_config(["--config", str(config_file)], "rwkv", "")
+    with pytest.raises(ConfigError, match="not a multiple"):
+        parse_config(["--data_path", "d", "--output_dir", "o", "--batch_size", "8", "--micro_batch_size", "3"],
+                     "qwen", "").batch_plan(1)
+    with pytest.raises(ConfigError, match="precision"):
+        parse_config(["--data_path", "d", "--output_dir", "o", "--precision", "fp16"], "qwen", "")
+
+
+def test_raw_jsonl_is_prepared_on_the_fly(tmp_path, corpus_file, tokenizer_file):
+    env = {**os.environ, "EFFICIENTLLM_CACHE": str(tmp_path / "cache")}
+    output = tmp_path / "debug_output"
+    result = subprocess.run([sys.executable, str(ROOT / "mamba" / "train_mamba_fineweb.py"), "--model_size", "0.5B",
+                             "--data_path", str(corpus_file), "--tokenizer", tokenizer_file, "--val_fraction", "0.2",
+                             "--output_dir", str(output), "--max_steps", "4", *TINY],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert read_results(output)["status"] == "completed"
+    assert len(list((tmp_path / "cache" / "prepared").iterdir())) == 1
+
+
+def test_bad_data_path_is_a_one_line_error(tmp_path, capsys):
+    assert main("qwen", ["--data_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "missing" in err[-1]

@@ -1,0 +1,134 @@
+"""The one training configuration and its command line: defaults < --config JSON < flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training_harness.errors import ConfigError
+from training_harness.registry import PRESETS, SIZES
+
+#: Sequences per optimizer step in the study, by nominal size.
+SPEC_GLOBAL_BATCH = {"0.5B": 8, "1.5B": 4, "3B": 2}
+PRECISIONS = ("bf16-mixed", "bf16", "fp32")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training run. Every field is a command-line flag of the same name."""
+
+    model: str = field(default="", metadata={"help": "family: qwen, pythia, mamba or rwkv (set by the script)"})
+    model_size: str = field(default="0.5B", metadata={"help": f"nominal size: {', '.join(SIZES)}"})
+    preset: str = field(default="paper", metadata={"help": f"shapes: {', '.join(PRESETS)}"})
+    data_path: str = field(default="", metadata={"help": "prepared folder, or a .jsonl/.json/.parquet/.txt file"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer for raw data files (default: the family's); prepared folders carry their own"})
+    val_fraction: float = field(default=0.05, metadata={"help": "held-out share when preparing a raw file"})
+    output_dir: str = field(default="", metadata={"help": "where results, logs and checkpoints go"})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "global sequences per optimizer step (default: the spec's 8/4/2 for 0.5B/1.5B/3B)"})
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "sequences per forward pass on one GPU; the rest is gradient accumulation"})
+    seq_len: int = field(default=8192, metadata={"help": "tokens per training window"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr x this"})
+    lr_warmup_steps: int | None = field(default=None, metadata={"help": "linear warm-up (default: 1 %% of steps)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (not on norms, biases, embeddings)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm"})
+    precision: str = field(default="bf16-mixed", metadata={
+        "help": "bf16-mixed (bf16 autocast, fp32 weights), bf16 (pure) or fp32"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    fsdp: bool = field(default=False, metadata={"help": "FSDP2 sharding instead of DDP under torchrun"})
+    seed: int = field(default=1234, metadata={"help": "weights and data order"})
+    data_order: str = field(default="random", metadata={"help": "random or sequential training windows"})
+    eval_interval: int = field(default=0, metadata={"help": "validate every N steps (0: at the end only)"})
+    eval_windows: int = field(default=16, metadata={"help": "validation windows (fixed set)"})
+    checkpoint_interval: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at the end)"})
+    save_optimizer: bool = field(default=False, metadata={"help": "keep AdamW state in checkpoints"})
+    resume: bool = field(default=False, metadata={"help": "continue from output_dir's checkpoint"})
+    device: str = field(default="", metadata={"help": "cuda, cuda:N or cpu (default: cuda if available)"})
+    allow_slow_kernels: bool = field(default=False, metadata={
+        "help": "let Mamba/RWKV run their PyTorch reference path on CUDA (slow; recorded in the results)"})
+    sample_interval_s: float = field(default=0.1, metadata={"help": "GPU sampler period in seconds"})
+    warmup_iterations: int | None = field(default=None, metadata={
+        "help": "iterations excluded from metrics (default: 10 %% of steps, at least 3)"})
+
+    def __post_init__(self):
+        checks = [
+            (self.model_size in SIZES, f"model_size must be one of {SIZES}, got {self.model_size!r}"),
+            (self.preset in PRESETS, f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.data_order in ("random", "sequential"), "data_order must be random or sequential"),
+            (self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}"),
+            (self.seq_len > 0, f"seq_len must be positive, got {self.seq_len}"),
+            (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be positive and min_lr_ratio in [0, 1]"),
+            (self.sample_interval_s > 0, "sample_interval_s must be positive"),
+            (self.batch_size is None or self.batch_size > 0, "batch_size must be positive"),
+            (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size or SPEC_GLOBAL_BATCH[self.model_size]
+
+    def batch_plan(self, world_size: int) -> tuple[int, int]:
+        """(micro-batch per rank, accumulation steps) that make up the global batch exactly."""
+        micro = self.micro_batch_size or max(1, self.global_batch // world_size)
+        if self.global_batch % (micro * world_size):
+            raise ConfigError(f"batch_size {self.global_batch} is not a multiple of micro_batch_size x world size "
+                              f"= {micro} x {world_size}; change one of them")
+        return micro, self.global_batch // (micro * world_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag_type(annotation):
+    """``int | None`` -> int: the type argparse converts a flag's text to."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="JSON file of these fields (flags override it)")
+    hints = typing.get_type_hints(TrainConfig)
+    for item in dataclasses.fields(TrainConfig):
+        kind = _flag_type(hints[item.name])
+        if kind is bool:
+            parser.add_argument(f"--{item.name}", action=argparse.BooleanOptionalAction, help=item.metadata["help"])
+        else:
+            parser.add_argument(f"--{item.name}", type=kind, help=item.metadata["help"])
+    return parser
+
+
+def parse_config(argv: list[str] | None, family: str, description: str) -> TrainConfig:
+    """Defaults, then the --config JSON, then command-line flags; the script fixes the family."""
+    flags = vars(build_parser(description).parse_args(argv))
+    values: dict = {}
+    if "config" in flags:
+        path = Path(flags.pop("config"))
+        if not path.exists():
+            raise ConfigError(f"{path}: no such config file")
+        values = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {unknown}")
+    values.update(flags)
+    if values.get("model", family) != family:
+        raise ConfigError(f"this script trains {family}, but the config asks for {values['model']}")
+    values["model"] = family
+    for required in ("data_path", "output_dir"):
+        if not values.get(required):
+            raise ConfigError(f"--{required} is required")
+    return TrainConfig(**values)

@@ -1,0 +1,88 @@
+"""Process setup: one device per process, torchrun's environment for DDP/FSDP, wrapping the model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def cuda_indices(self) -> list[int]:
+        return [self.device.index] if self.device.type == "cuda" else []
+
+
+def setup(device_arg: str) -> ProcessContext:
+    """The process's device; under torchrun (WORLD_SIZE > 1) also the process group.
+
+    Multi-node runs use torchrun's rendezvous variables (MASTER_ADDR, MASTER_PORT, RANK, ...).
+    """
+    requested = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {requested} but CUDA is not available; use --device cpu")
+    if world_size == 1:
+        device = torch.device(requested)
+        if device.type == "cuda":
+            device = torch.device("cuda", device.index or 0)
+            torch.cuda.set_device(device)
+        return ProcessContext(0, 1, device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if requested.startswith("cuda"):
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return ProcessContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(context: ProcessContext) -> None:
+    if context.distributed:
+        dist.barrier()
+
+
+def wrap(model: nn.Module, context: ProcessContext, fsdp: bool) -> nn.Module:
+    """DDP, or FSDP2 (each block sharded, then the root) for models too large to replicate."""
+    if not context.distributed:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def all_reduce_sum(values: list[float], context: ProcessContext) -> list[float]:
+    """Element-wise sum over ranks (identity in a single process)."""
+    if not context.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

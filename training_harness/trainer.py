@@ -1,0 +1,406 @@
+"""The training loop every script shares: build, train under the monitor, validate, write results."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from efficientllm_metrics import (
+    RESULTS_FILE,
+    TIMELINE_FILE,
+    Monitor,
+    Run,
+    Validation,
+    default_warmup_iterations,
+    gather_measurements,
+    summarize,
+    write_json_atomic,
+    write_timeline,
+)
+from training_harness import checkpoint, distributed
+from training_harness.config import TrainConfig
+from training_harness.data import TokenWindows, resolve_data_path
+from training_harness.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM
+from training_harness.lm import no_weight_decay, parameter_count
+from training_harness.registry import get_family
+
+LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Outcome:
+    status: str
+    exit_code: int
+    error: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary (a second signal kills)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def completed_steps(output_dir: Path) -> int | None:
+    """Steps of a completed run in ``output_dir``, or None."""
+    path = output_dir / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return results.get("steps") if results.get("status") == "completed" else None
+
+
+def lr_schedule(config: TrainConfig):
+    """Linear warm-up to ``lr``, then cosine decay to ``lr x min_lr_ratio`` at ``max_steps``."""
+    warmup = config.lr_warmup_steps if config.lr_warmup_steps is not None else max(1, config.max_steps // 100)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, config.max_steps - warmup))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if no_weight_decay(name, parameter) else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    if config.precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, windows: TokenWindows, config: TrainConfig, micro_batch: int, device) -> Validation:
+    """Mean cross-entropy over the fixed validation windows (every rank evaluates the same ones)."""
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for inputs, labels in windows.validation_batches(config.eval_windows, micro_batch):
+        with autocast(config, device):
+            loss = model(inputs.to(device), labels.to(device))
+        loss_sum += loss.item() * labels.numel()
+        tokens += labels.numel()
+    model.train()
+    return Validation(loss_sum / tokens, tokens, round(tokens * windows.utf8_bytes_per_token()))
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "cuda": torch.version.cuda, "platform": platform.platform()}
+    for package in ("transformers", "mamba_ssm", "causal_conv1d", "fla", "triton"):
+        module = sys.modules.get(package)
+        if module is None:
+            with contextlib.suppress(ImportError):
+                module = __import__(package)
+        found[package] = getattr(module, "__version__", None) if module else None
+    return found
+
+
+class Trainer:
+    """One run: set up everything, then ``run()`` returns an Outcome and has written every output."""
+
+    def __init__(self, config: TrainConfig, context: distributed.ProcessContext):
+        self.config = config
+        self.context = context
+        self.output = Path(config.output_dir)
+        self.family = get_family(config.model)
+        self.validation: Validation | None = None
+        self.step = 0
+
+    # -------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        config, context = self.config, self.context
+        tokenizer = config.tokenizer or self.family.default_tokenizer
+        if context.is_main:  # one process prepares a raw file; the others wait and reuse it
+            data_dir = resolve_data_path(config.data_path, tokenizer, config.val_fraction)
+        distributed.barrier(context)
+        if not context.is_main:
+            data_dir = resolve_data_path(config.data_path, tokenizer, config.val_fraction)
+        self.train_windows = TokenWindows(data_dir, "train", config.seq_len)
+        self.val_windows = TokenWindows(data_dir, "val", config.seq_len)
+        meta = self.train_windows.meta
+        self.micro_batch, self.accumulation = config.batch_plan(context.world_size)
+        shape = self.family.shape(config.model_size, config.preset)
+        self.vocab_rows = self.family.vocab_rows(meta["vocab_size"], config.preset)
+
+        torch.manual_seed(config.seed)
+        with torch.device(context.device):
+            model = self.family.build(shape, self.vocab_rows, context.device.type, config.allow_slow_kernels)
+        if config.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        self.kernel_path = model.kernel_path
+        self.params = parameter_count(model)
+        self.flops_per_token = self.family.flops_per_token(model, shape, config.seq_len)
+        if config.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+            blocks = set(model.blocks)
+            apply_activation_checkpointing(model, check_fn=lambda module: module in blocks)
+        self.model = distributed.wrap(model, context, config.fsdp)
+        if config.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(self.model, config, context.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
+        if config.resume and checkpoint.exists(self.output):
+            self.step, restored = checkpoint.load(self.output, self.model, self.optimizer, self.scheduler)
+            if not restored:
+                self._say("resuming without AdamW state (checkpoint saved without --save_optimizer)")
+            self._say(f"resumed from step {self.step}")
+        self.shape = shape
+        self.data_meta = meta
+        if context.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            self._truncate_log()
+            write_json_atomic(self.output / CONFIG_FILE, self._run_description())
+
+    def _run_description(self) -> dict:
+        return {
+            "config": self.config.to_dict(), "family": self.family.name, "shape": self.shape,
+            "params": self.params, "vocab_rows": self.vocab_rows, "flops_per_token": self.flops_per_token,
+            "kernel_path": self.kernel_path, "world_size": self.context.world_size,
+            "micro_batch_size": self.micro_batch, "accumulation_steps": self.accumulation,
+            "device": str(self.context.device),
+            "device_name": torch.cuda.get_device_name(self.context.device) if self.context.cuda_indices else "cpu",
+            "data": {key: self.data_meta[key] for key in ("tokenizer", "vocab_size", "eos_id", "content_sha256")},
+            "versions": versions(),
+        }
+
+    def _truncate_log(self) -> None:
+        """Drop log records past the checkpoint: those steps are about to be redone."""
+        path = self.output / LOG_FILE
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _say(self, message: str) -> None:
+        if self.context.is_main:
+            tqdm.write(f"[{self.family.name} {self.config.model_size}] {message}", file=sys.stderr)
+
+    # -------------------------------------------------------------------------------------------- loop
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer iteration: accumulation over micro-batches, clipping, AdamW, schedule."""
+        config, context = self.config, self.context
+        loss_sum = torch.zeros((), device=context.device)
+        for micro_step in range(self.accumulation):
+            inputs, labels = self.train_windows.training_batch(
+                config.seed, self.step, micro_step, context.rank, self.micro_batch, config.data_order,
+                self.accumulation, context.world_size)
+            inputs = inputs.to(context.device, non_blocking=True)
+            labels = labels.to(context.device, non_blocking=True)
+            last = micro_step == self.accumulation - 1
+            # DDP all-reduces gradients only on the last micro-batch.
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with autocast(config, context.device):
+                    loss = self.model(inputs, labels)
+                (loss / self.accumulation).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_sum, grad_norm
+
+    def run(self, monitor: Monitor, stop: StopRequest, writer: SummaryWriter | None) -> Outcome:
+        config = self.config
+        tokens_per_step = self.micro_batch * self.accumulation * config.seq_len
+        progress = tqdm(total=config.max_steps, initial=self.step, disable=not self.context.is_main or None,
+                        desc=f"{self.family.name} {config.model_size}", unit="step")
+        monitor.start()
+        last_boundary = time.perf_counter()
+        while self.step < config.max_steps:
+            if stop.signal_name:
+                monitor.pause()
+                checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step, True,
+                                self.context.is_main)
+                return Outcome("interrupted", EXIT_INTERRUPTED, f"stopped by {stop.signal_name} at step {self.step}")
+            loss_sum, grad_norm = self.train_step()
+            monitor.iteration_done(tokens_per_step)
+            self.step += 1
+            now = time.perf_counter()
+            loss = (loss_sum / self.accumulation).item()  # the devices are synchronized: no stall here
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"loss is {loss} at step {self.step}")
+            record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "step_s": now - last_boundary,
+                      "tokens_per_s": tokens_per_step * self.context.world_size / (now - last_boundary)}
+            last_boundary = now
+            self._log(record, writer, monitor)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            self._between_steps(monitor, writer)
+            last_boundary = time.perf_counter()
+        progress.close()
+        return Outcome("completed", 0)
+
+    def _between_steps(self, monitor: Monitor, writer) -> None:
+        """Periodic evaluation and checkpoints, paused out of the measured window."""
+        config = self.config
+        evaluate_now = config.eval_interval and self.step % config.eval_interval == 0 and self.step < config.max_steps
+        save_now = (config.checkpoint_interval and self.step % config.checkpoint_interval == 0
+                    and self.step < config.max_steps)
+        if not (evaluate_now or save_now):
+            return
+        monitor.pause()
+        if evaluate_now:
+            validation = evaluate(self.model, self.val_windows, config, self.micro_batch, self.context.device)
+            self._log({"step": self.step, "val_loss": validation.mean_loss_nats}, writer, None)
+        if save_now:
+            checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
+                            config.save_optimizer, self.context.is_main)
+        monitor.resume()
+
+    def _log(self, record: dict, writer, monitor: Monitor | None) -> None:
+        if not self.context.is_main:
+            return
+        with open(self.output / LOG_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if writer is None:
+            return
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, record["step"])
+        if monitor is not None:
+            latest = {}
+            for sample in reversed(monitor.sampler.samples[-20:]):
+                if sample.field in ("memory_used_bytes", "power_w") and sample.gpu <= 0:
+                    latest.setdefault(sample.field, sample.value)
+            for name, value in latest.items():
+                writer.add_scalar(f"device/{name}", value, record["step"])
+
+    def finish(self) -> None:
+        """Final validation and checkpoint of a completed run."""
+        self.validation = evaluate(self.model, self.val_windows, self.config, self.micro_batch, self.context.device)
+        self._log({"step": self.step, "val_loss": self.validation.mean_loss_nats}, None, None)
+        checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
+                        self.config.save_optimizer, self.context.is_main)
+
+
+def oom_details(context: distributed.ProcessContext) -> dict:
+    if not context.cuda_indices:
+        return {}
+    index = context.device.index
+    return {"memory_allocated_gb": torch.cuda.memory_allocated(index) / 1e9,
+            "memory_reserved_gb": torch.cuda.memory_reserved(index) / 1e9,
+            "max_memory_allocated_gb": torch.cuda.max_memory_allocated(index) / 1e9}
+
+
+def train(config: TrainConfig) -> int:
+    """Run one configuration end to end; returns the process exit code."""
+    output = Path(config.output_dir)
+    done = completed_steps(output)
+    if done is not None and done >= config.max_steps:
+        print(f"{output}: already completed ({done} steps); nothing to do", file=sys.stderr)
+        return 0
+    if output.exists() and (output / LOG_FILE).exists() and not config.resume:
+        print(f"{output} holds an earlier run; pass --resume to continue it or choose another --output_dir",
+              file=sys.stderr)
+        return EXIT_FAILED
+    context = distributed.setup(config.device)
+    trainer = Trainer(config, context)
+    monitor = None
+    writer = None
+    try:
+        trainer.setup()
+        planned = config.max_steps - trainer.step
+        warmup = config.warmup_iterations
+        if warmup is None:
+            warmup = default_warmup_iterations(planned)
+        monitor = Monitor(context.cuda_indices, warmup, config.sample_interval_s, context.rank)
+        writer = SummaryWriter(str(output / "tensorboard")) if context.is_main else None
+        with StopRequest() as stop:
+            outcome = trainer.run(monitor, stop, writer)
+            measurement = monitor.stop()
+            if outcome.status == "completed":
+                trainer.finish()
+    except torch.cuda.OutOfMemoryError as error:
+        outcome = Outcome("oom", EXIT_OOM, str(error).splitlines()[0], oom_details(context))
+    except NonFiniteLoss as error:
+        outcome = Outcome("nan", EXIT_NAN, str(error))
+    except Exception as error:  # recorded in the results, then re-raised for the traceback
+        outcome = Outcome("failed", EXIT_FAILED, f"{type(error).__name__}: {error}")
+        _write_results(trainer, config, context, monitor, outcome)
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    if outcome.status in ("oom", "nan"):
+        _write_results(trainer, config, context, monitor, outcome)
+    else:
+        _write_results(trainer, config, context, monitor, outcome, measurement)
+    distributed.teardown()
+    if outcome.error:
+        print(f"{outcome.status}: {outcome.error}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def _write_results(trainer: Trainer, config: TrainConfig, context, monitor: Monitor | None, outcome: Outcome,
+                   measurement=None) -> None:
+    """Every rank hands its measurement to rank 0, which writes the one results file."""
+    if monitor is not None and measurement is None:
+        measurement = monitor.stop()
+    measurements = gather_measurements(measurement) if measurement is not None else None
+    if monitor is not None:
+        name = TIMELINE_FILE if context.rank == 0 else TIMELINE_FILE.replace(".csv", f"_rank{context.rank}.csv")
+        uuids = [gpu.uuid for gpu in (monitor.backend.gpus if monitor.backend else [])]
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        write_timeline(Path(config.output_dir) / name, monitor.sampler, context.rank, uuids)
+    if not context.is_main:
+        return
+    header = {
+        "status": outcome.status, "error": outcome.error, **outcome.details,
+        "model": config.model, "display_name": trainer.family.display_name, "size": config.model_size,
+        "preset": config.preset, "context": config.seq_len, "steps": trainer.step,
+        "global_batch": config.global_batch, "kernel_path": getattr(trainer, "kernel_path", None),
+        "device_name": torch.cuda.get_device_name(context.device) if context.cuda_indices else "cpu",
+        "world_size": context.world_size,
+    }
+    params = getattr(trainer, "params", None)
+    if measurements is None or params is None:
+        document = {"schema_version": 1, **header, "params": params, "provenance": {"reason": outcome.error}}
+    else:
+        reason = "validation not run: the run did not complete" if trainer.validation is None else ""
+        run = Run(measurements, params, trainer.flops_per_token, trainer.validation, reason)
+        document = summarize(run, header)
+    write_json_atomic(Path(config.output_dir) / RESULTS_FILE, document)
