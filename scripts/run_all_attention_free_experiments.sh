@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Run every config of the sweep, each in a process of its own; rerunning skips completed runs.
+#
+#   scripts/run_all_attention_free_experiments.sh dsw cuda:0 10000            # one GPU
+#   scripts/run_all_attention_free_experiments.sh dsw cuda:0,1,2,3 10000 qwen  # 4 GPUs, configs matching "qwen"
+#   scripts/run_all_attention_free_experiments.sh dsw cpu 10                   # CPU (tiny configs only)
+#   scripts/run_all_attention_free_experiments.sh dlc cuda:0,1,2,3,4,5,6,7 10000
+#       # multi-node: every node runs this; the cluster sets MASTER_ADDR, MASTER_PORT and
+#       # NNODES (or WORLD_SIZE = node count) and NODE_RANK (or RANK = node index)
+#
+# Environment: EXPERIMENT_DIR (default experiments/attention_free_benchmark) holding configs/, results/, logs/;
+# PYTHON (default python3); EXTRA_ARGS, flags appended to every training command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() {
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  echo "usage: $0 <dsw|dlc> <cpu|cuda:N[,M...]> <max_steps> [config-name filters...]" >&2
+  exit 2
+}
+[[ $# -ge 3 ]] || usage
+mode=$1; devices=$2; max_steps=$3; shift 3
+filters=("$@")
+[[ $mode == dsw || $mode == dlc ]] || { echo "error: mode must be dsw or dlc, not '$mode'" >&2; usage; }
+[[ $max_steps =~ ^[1-9][0-9]*$ ]] || { echo "error: max_steps must be a positive integer, not '$max_steps'" >&2; usage; }
+
+PYTHON=${PYTHON:-python3}
+EXPERIMENT_DIR=${EXPERIMENT_DIR:-experiments/attention_free_benchmark}
+config_dir=$EXPERIMENT_DIR/configs
+results_root=$EXPERIMENT_DIR/results
+log_dir=$EXPERIMENT_DIR/logs
+
+# The launcher: plain python on one device, torchrun for several or for a multi-node job.
+if [[ $devices == cpu ]]; then
+  launcher=("$PYTHON"); device_flag=cpu
+elif [[ $devices =~ ^cuda:([0-9]+(,[0-9]+)*)$ ]]; then
+  export CUDA_VISIBLE_DEVICES=${BASH_REMATCH[1]}
+  count=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | wc -l)
+  device_flag=cuda
+  if [[ $mode == dlc ]]; then
+    nnodes=${NNODES:-${WORLD_SIZE:?dlc needs NNODES or WORLD_SIZE (node count)}}
+    node_rank=${NODE_RANK:-${RANK:?dlc needs NODE_RANK or RANK (node index)}}
+    launcher=("$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank"
+              --nproc_per_node "$count" --master_addr "${MASTER_ADDR:?dlc needs MASTER_ADDR}"
+              --master_port "${MASTER_PORT:?dlc needs MASTER_PORT}")
+  elif [[ $count -gt 1 ]]; then
+    launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$count")
+  else
+    launcher=("$PYTHON")
+  fi
+else
+  echo "error: devices must be cpu or cuda:N[,M...], not '$devices'" >&2; usage
+fi
+
+mkdir -p "$results_root" "$log_dir"
+shopt -s nullglob
+configs=("$config_dir"/*.json)
+[[ ${#configs[@]} -gt 0 ]] || { echo "error: no configs in $config_dir; run scripts/generate_attention_free_configs.sh" >&2; exit 2; }
+
+summary=()
+failed=0
+for config in "${configs[@]}"; do
+  name=$(basename "$config" .json)
+  if [[ ${#filters[@]} -gt 0 ]]; then
+    match=0
+    for filter in "${filters[@]}"; do [[ $name == *"$filter"* ]] && match=1; done
+    [[ $match == 1 ]] || continue
+  fi
+  results=$results_root/$name
+  log=$log_dir/$name.log
+  if [[ $("$PYTHON" -m training_harness.sweep status "$results" "$max_steps") == completed ]]; then
+    summary+=("$name: skipped (already completed)")
+    continue
+  fi
+  model=$("$PYTHON" -m training_harness.sweep model "$config")
+  echo "== $name ($(date -u +%FT%TZ)) -> $log"
+  echo "== $name $(date -u +%FT%TZ) ${launcher[*]} $model/train_${model}_fineweb.py --config $config" >>"$log"
+  set +e
+  # shellcheck disable=SC2086 # EXTRA_ARGS is a list of flags
+  "${launcher[@]}" "$model/train_${model}_fineweb.py" --config "$config" --output_dir "$results" \
+    --max_steps "$max_steps" --device "$device_flag" --resume ${EXTRA_ARGS:-} >>"$log" 2>&1
+  code=$?
+  set -e
+  [[ $code == 0 ]] || "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" "$code" "$log"
+  status=$("$PYTHON" -m training_harness.sweep status "$results" "$max_steps")
+  summary+=("$name: $status (exit $code)")
+  [[ $code == 0 ]] || failed=$((failed + 1))
+done
+
+echo "== summary ($EXPERIMENT_DIR)"
+printf '%s\n' "${summary[@]}"
+[[ $failed == 0 ]] || { echo "$failed run(s) failed; see $log_dir" >&2; exit 1; }

@@ -1,0 +1,116 @@
+"""The sweep driver end to end on tiny configs, and the collector on crafted result folders."""
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from training_harness.prepare_data import PrepareConfig, prepare
+from training_harness.sweep import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("collector", ROOT / "scripts" / "collect_attention_free_results.py")
+collector = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(collector)
+
+
+def run_driver(experiment_dir, *args):
+    env = {**os.environ, "EXPERIMENT_DIR": str(experiment_dir), "EXTRA_ARGS": "--eval_windows 2 --seq_len 32"}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "run_all_attention_free_experiments.sh"), *args],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def test_driver_runs_records_failures_and_skips_completed(tmp_path, tokenizer_file, corpus_file):
+    data_root = tmp_path / "data"
+    prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, val_fraction=0.2, workers=1,
+                          output_dir=str(data_root / Path(tokenizer_file).parent.name)))
+    experiment = tmp_path / "experiment"
+    generate(["pythia", "mamba"], ["0.5B"], "tiny", 3, 32, str(data_root), experiment / "configs",
+             {"pythia": tokenizer_file, "mamba": tokenizer_file}, micro_batch_size=4)
+    broken = json.loads((experiment / "configs" / "mamba_0.5B.json").read_text())
+    broken["data_path"] = str(tmp_path / "no-such-data")
+    (experiment / "configs" / "rwkv_0.5B.json").write_text(json.dumps({**broken, "model": "rwkv"}))
+
+    first = run_driver(experiment, "dsw", "cpu", "3")
+    assert first.returncode == 1, first.stderr
+    lines = first.stdout.split("== summary")[1].strip().splitlines()[1:]
+    assert lines == ["mamba_0.5B: completed (exit 0)", "pythia_0.5B: completed (exit 0)",
+                     "rwkv_0.5B: failed (exit 2)"]
+    failed = json.loads((experiment / "results" / "rwkv_0.5B" / "efficientllm_metrics.json").read_text())
+    assert failed["status"] == "failed" and "no-such-data" in failed["error"]
+    assert "no-such-data" in (experiment / "logs" / "rwkv_0.5B.log").read_text()
+
+    second = run_driver(experiment, "dsw", "cpu", "3", "mamba", "rwkv")
+    lines = second.stdout.split("== summary")[1].strip().splitlines()[1:]
+    assert lines == ["mamba_0.5B: skipped (already completed)", "rwkv_0.5B: failed (exit 2)"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "usage"), (["xyz", "cpu", "10"], "mode must be dsw or dlc"), (["dsw", "tpu:0", "10"], "devices must be"),
+    (["dsw", "cpu", "ten"], "max_steps must be"),
+])
+def test_driver_usage_errors(tmp_path, args, message):
+    result = run_driver(tmp_path, *args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def completed(model, size, params, ppl, amu, al, tt, aec, **extra):
+    return {"schema_version": 1, "status": "completed", "model": model, "size": size, "preset": "paper",
+            "params": params, "context": 8192, "steps": 100, "world_size": 1, "device_name": "NVIDIA H100 80GB HBM3",
+            "kernel_path": "k", "ppl": ppl, "bpb": 1.0, "amu_gb": amu, "al_s_per_iter": al,
+            "tt_tokens_per_param_s": tt, "aec_w": aec, "latency": {"p90_s": al},
+            "provenance": {"measured_iterations": 90, "warmup_iterations": 10,
+                           "methods": {"aec_w": "NVML counter unsupported"}}, **extra}
+
+
+def test_collector_on_crafted_results(tmp_path):
+    results = tmp_path / "results"
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    runs = {
+        "qwen_0.5B": completed("qwen", "0.5B", 494_032_768, 20.5, 30.2, 0.9, 150.0, 650.0, window_s=81.0),
+        "mamba_0.5B": completed("mamba", "0.5B", 129_153_792, 25.25, 12.0, 0.4, 900.0, None, window_s=36.0),
+        "pythia_0.5B": {"schema_version": 1, "status": "oom", "model": "pythia", "size": "0.5B",
+                        "error": "CUDA out of memory. Tried to allocate 9.3 GiB", "params": 405_334_016},
+    }
+    for name, document in runs.items():
+        (results / name).mkdir(parents=True)
+        (results / name / "efficientllm_metrics.json").write_text(json.dumps(document))
+    (results / "rwkv_0.5B").mkdir()
+    (results / "rwkv_0.5B" / "efficientllm_metrics.json").write_text('{"status": "compl')
+    (configs / "qwen_1.5B.json").write_text("{}")  # configured, never ran
+
+    frame = collector.collect(results, tmp_path / "tables", configs)
+    table = pd.read_csv(tmp_path / "tables" / "attention_free_results.csv").set_index(["model", "size"])
+    assert table.loc[("qwen", "0.5B"), "ppl"] == 20.5 and table.loc[("qwen", "0.5B"), "status"] == "completed"
+    assert table.loc[("pythia", "0.5B"), "status"] == "oom"
+    assert "Tried to allocate" in table.loc[("pythia", "0.5B"), "reason"]
+    assert table.loc[("rwkv", "0.5B"), "status"] == "corrupt"
+    assert table.loc[("qwen", "1.5B"), "status"] == "missing"
+    assert len(frame) == 5
+
+    tex = (tmp_path / "tables" / "attention_free_table.tex").read_text()
+    rows = {line.split(" & ")[0]: line for line in tex.splitlines() if " & 0.5B & " in line}
+    assert rows["Qwen2.5"] == (r"Qwen2.5 & 0.5B & 494.0M & 8K & \textbf{20.50} & 30.20 & 0.900 & 1.50e+02 & "
+                               r"\textbf{650.0} \\")
+    assert rows["Mamba"] == (r"Mamba & 0.5B & 129.2M & 8K & 25.25 & \textbf{12.00} & \textbf{0.400} & "
+                             r"\textbf{9.00e+02} & n/m\textsuperscript{1} \\")
+    assert r"\multicolumn{5}{l}{\textit{OOM: CUDA out of memory. Tried to allocate 9.3 GiB}}" in rows["Pythia"]
+    assert r"\textit{CORRUPT: efficientllm\_metrics.json:" in rows["RWKV-7"]
+    assert r"1: NVML counter unsupported" in tex and "NVIDIA H100 80GB HBM3" in tex and "$10^9$ bytes" in tex
+    assert "MISSING: no efficientllm\\_metrics.json" in tex
+
+    report = (tmp_path / "tables" / "attention_free_report.txt").read_text()
+    assert "0.5B PPL: Qwen2.5 (20.50)" in report and "0.5B AL (s/iter): Mamba (0.400)" in report
+    assert "Pythia 0.5B: oom - CUDA out of memory" in report
+    assert "Mamba 0.5B: aec_w not measured - NVML counter unsupported" in report
+    assert (tmp_path / "tables" / "ppl.png").stat().st_size > 0
+
+
+def test_collector_with_nothing_to_collect(tmp_path, capsys):
+    assert collector.main(["--results_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "t")]) == 2
+    assert "no runs" in capsys.readouterr().err

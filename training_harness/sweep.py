@@ -1,0 +1,122 @@
+"""Helpers behind the bash drivers: write sweep configs, read a run's status, record a crashed run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from efficientllm_metrics import RESULTS_FILE, write_json_atomic
+from training_harness.config import SPEC_GLOBAL_BATCH, TrainConfig
+from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, get_family
+from training_harness.tokenization import tokenizer_name
+
+#: Sizes whose weights, gradients and AdamW state leave too little of 80 GB for 8K activations.
+CHECKPOINTED_SIZES = {"3B"}
+
+
+def config_name(model: str, size: str) -> str:
+    return f"{model}_{size}"
+
+
+def generate(models: list[str], sizes: list[str], preset: str, max_steps: int, seq_len: int, data_root: str,
+             output_dir: Path, tokenizers: dict[str, str], micro_batch_size: int) -> list[Path]:
+    """One JSON per model x size; each names the data folder prepared with its family's tokenizer."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for model in models:
+        family = get_family(model)
+        tokenizer = tokenizers.get(model) or family.default_tokenizer
+        for size in sizes:
+            config = TrainConfig(
+                model=model, model_size=size, preset=preset, max_steps=max_steps, seq_len=seq_len,
+                data_path=str(Path(data_root) / tokenizer_name(tokenizer)), tokenizer=tokenizer,
+                batch_size=SPEC_GLOBAL_BATCH[size],
+                micro_batch_size=min(micro_batch_size, SPEC_GLOBAL_BATCH[size]),
+                activation_checkpointing=size in CHECKPOINTED_SIZES)
+            # output_dir and device belong to the driver's call, not the config.
+            values = {key: value for key, value in config.to_dict().items() if value not in (None, "")}
+            path = output_dir / f"{config_name(model, size)}.json"
+            path.write_text(json.dumps(values, indent=2) + "\n")
+            written.append(path)
+    return written
+
+
+def run_status(results_dir: Path, max_steps: int) -> str:
+    """'completed' when the run finished at least ``max_steps``; else its status, or 'missing'."""
+    try:
+        results = json.loads((results_dir / RESULTS_FILE).read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, json.JSONDecodeError):
+        return "corrupt"
+    if results.get("status") == "completed" and (results.get("steps") or 0) < max_steps:
+        return "shorter"
+    return results.get("status", "corrupt")
+
+
+def record_crash(results_dir: Path, name: str, exit_code: int, log: str) -> None:
+    """A run that died without writing its results (a segfault, a killed process) still gets a row."""
+    path = results_dir / RESULTS_FILE
+    if run_status(results_dir, 0) not in ("missing", "corrupt"):
+        return  # the run wrote its own outcome
+    model, _, size = name.partition("_")
+    write_json_atomic(path, {"schema_version": 1, "status": "failed", "model": model, "size": size,
+                             "error": f"process exited with code {exit_code} without results; see {log}"})
+
+
+def _csv(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="write one config per model x size")
+    gen.add_argument("--models", default=",".join(FAMILY_MODULES))
+    gen.add_argument("--sizes", default=",".join(SIZES))
+    gen.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    gen.add_argument("--max_steps", type=int, default=10_000)
+    gen.add_argument("--seq_len", type=int, default=8192)
+    gen.add_argument("--micro_batch_size", type=int, default=1)
+    gen.add_argument("--data_root", default="experiments/data", help="folder of prepared data, one per tokenizer")
+    gen.add_argument("--output_dir", default="experiments/attention_free_benchmark/configs")
+    gen.add_argument("--qwen_tokenizer", default=None, help="default: Qwen/Qwen2.5-0.5B")
+    gen.add_argument("--neox_tokenizer", default=None, help="for Pythia, Mamba, RWKV; default EleutherAI/pythia-410m")
+    gen.add_argument("--shared_tokenizer", default=None, help="one tokenizer for all four families")
+    status = commands.add_parser("status", help="print a run's status")
+    status.add_argument("results_dir", type=Path)
+    status.add_argument("max_steps", type=int)
+    crash = commands.add_parser("record-crash", help="write a failed result for a run that wrote none")
+    crash.add_argument("results_dir", type=Path)
+    crash.add_argument("name")
+    crash.add_argument("exit_code", type=int)
+    crash.add_argument("log")
+    model_of = commands.add_parser("model", help="print the family a config trains")
+    model_of.add_argument("config", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "generate":
+        unknown = [m for m in _csv(args.models) if m not in FAMILY_MODULES] + \
+                  [s for s in _csv(args.sizes) if s not in SIZES]
+        if unknown:
+            parser.error(f"unknown models or sizes: {unknown}")
+        neox = args.shared_tokenizer or args.neox_tokenizer
+        tokenizers = {name: neox for name in FAMILY_MODULES if neox}
+        if args.shared_tokenizer or args.qwen_tokenizer:
+            tokenizers["qwen"] = args.shared_tokenizer or args.qwen_tokenizer
+        for path in generate(_csv(args.models), _csv(args.sizes), args.preset, args.max_steps, args.seq_len,
+                             args.data_root, Path(args.output_dir), tokenizers, args.micro_batch_size):
+            print(path)
+    elif args.command == "status":
+        print(run_status(args.results_dir, args.max_steps))
+    elif args.command == "record-crash":
+        record_crash(args.results_dir, args.name, args.exit_code, args.log)
+    else:
+        print(json.loads(args.config.read_text())["model"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
