@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rwkv.wkv7 import FLA_PATH, REFERENCE_PATH, fla_available, wkv7_fla, wkv7_reference
+from rwkv.wkv7 import FLA_PATH, REFERENCE_PATH, fla_available, fla_kernel_choice, wkv7_fla, wkv7_reference
 from training_harness.lm import CausalLM, tag_no_weight_decay
 from training_harness.registry import ModelFamily
 
@@ -127,8 +127,11 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(heads), dim=-1)  # (B, T, H, N)
         k = k * (1 + (iclr - 1) * self.k_a)
         r, k, v, iclr = (t.view(heads) for t in (r, k, v, iclr))
-        wkv = wkv7_fla if self.fused else (lambda *args: wkv7_reference(*args)[0])
-        out = wkv(r, log_w.view(heads).to(r.dtype) if self.fused else log_w.view(heads), k, v, -kk, kk * iclr)
+        inputs = (r, log_w.view(heads), k, v, -kk, kk * iclr)
+        if self.fused:  # the kernel wants one dtype; fp32 parameters have promoted some of these
+            out = wkv7_fla(*(t.to(r.dtype) for t in inputs))
+        else:
+            out, _ = wkv7_reference(*inputs)
         out = self.ln_x(out.reshape(batch * length, channels).to(x.dtype)).view(batch, length, channels)
         bonus = ((r * k * self.r_k).sum(-1, keepdim=True) * v).view(batch, length, channels)
         return self.output((out + bonus) * gate), v_first
@@ -191,7 +194,8 @@ def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bo
         raise RuntimeError(f"RWKV-7 on CUDA needs flash-linear-attention, which is not importable: {INSTALL_HINT}")
     backbone = RWKV7Backbone(shape["layers"], shape["d_model"], vocab_size, fused)
     model = CausalLM(backbone, vocab_size, shape["d_model"], tie_embeddings=False,
-                     kernel_path=FLA_PATH if fused else REFERENCE_PATH, head_init_std=None)
+                     kernel_path=f"{FLA_PATH}, {fla_kernel_choice()}" if fused else REFERENCE_PATH,
+                     head_init_std=None)
     # The official head init: orthogonal, gain 0.5 * sqrt(V / C).
     nn.init.orthogonal_(model.lm_head.weight, gain=0.5 * math.sqrt(max(1.0, vocab_size / shape["d_model"])))
     return model

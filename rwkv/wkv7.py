@@ -12,6 +12,8 @@ This is the diagonal-plus-low-rank form that fla's ``chunk_rwkv7`` computes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FLA_PATH = "flash-linear-attention chunk_rwkv7 (Triton, chunked DPLR)"
@@ -20,12 +22,19 @@ REFERENCE_PATH = "PyTorch reference WKV-7 recurrence (slow)"
 LOG_DECAY_LOWER_BOUND = -0.6065306597126334
 
 
-def fla_available() -> bool:
+@functools.cache
+def fla_kernel_choice() -> str | None:
+    """How fla's kernels are configured ("pinned ..." or "autotuned ..."), or None without fla."""
+    from rwkv.kernel_configs import import_fla_with_pinned_configs
+
     try:
-        from fla.ops.rwkv7 import chunk_rwkv7  # noqa: F401
+        return import_fla_with_pinned_configs()
     except ImportError:
-        return False
-    return True
+        return None
+
+
+def fla_available() -> bool:
+    return fla_kernel_choice() is not None
 
 
 def wkv7_reference(r, w, k, v, a, b, initial_state=None):
@@ -49,6 +58,7 @@ def wkv7_reference(r, w, k, v, a, b, initial_state=None):
 
 def wkv7_fla(r, w, k, v, a, b):
     """The chunked Triton kernel; same arguments and result as ``wkv7_reference`` (without the state)."""
+    fla_kernel_choice()  # the first import of fla pins its kernel configurations
     from fla.ops.rwkv7 import chunk_rwkv7
 
     output, _ = chunk_rwkv7(r, w, k, v, a, b, scale=1.0, safe_gate=True, lower_bound=LOG_DECAY_LOWER_BOUND)

@@ -1,0 +1,94 @@
+"""Fixed Triton configurations for flash-linear-attention's RWKV-7 kernels, so that a run starts in seconds.
+
+fla autotunes each kernel over hundreds of configurations the first time it runs on a machine
+(minutes at 8K context). ``dump()`` records the configurations that autotuning chose, and
+``import_fla_with_pinned_configs()`` imports fla with ``triton.autotune`` narrowed to those, so a
+fresh machine only compiles the chosen kernels. Kernels without a pinned entry autotune as usual.
+The table is per GPU architecture (Hopper: sm90); ``scripts/tune_rwkv_kernels.py`` regenerates it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).with_name("kernel_configs")
+
+
+def config_file(compute_capability: tuple[int, int]) -> Path:
+    return CONFIG_DIR / f"fla_sm{compute_capability[0]}{compute_capability[1]}.json"
+
+
+def _kernel_id(fn) -> str:
+    while hasattr(fn, "fn"):  # JITFunction / Heuristics wrappers down to the Python function
+        fn = fn.fn
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+@contextlib.contextmanager
+def _pinned_autotune(table: dict[str, list[dict]]):
+    """While active, ``@triton.autotune`` on a pinned kernel sees only its pinned configurations."""
+    import triton
+
+    original = triton.autotune
+
+    def autotune(configs, key, **kwargs):
+        def decorate(fn):
+            pinned = table.get(_kernel_id(fn))
+            if pinned:
+                configs_used = [triton.Config(c["kwargs"], num_warps=c["num_warps"], num_stages=c["num_stages"],
+                                              num_ctas=c.get("num_ctas", 1), maxnreg=c.get("maxnreg"))
+                                for c in pinned]
+            else:
+                configs_used = configs
+            return original(configs_used, key, **kwargs)(fn)
+
+        return decorate
+
+    triton.autotune = autotune
+    try:
+        yield
+    finally:
+        triton.autotune = original
+
+
+def import_fla_with_pinned_configs() -> str:
+    """Import fla's RWKV-7 op, pinned when a table exists for this GPU; returns how kernels were chosen."""
+    import torch
+
+    if "fla" in sys.modules:
+        return "autotuned (fla was imported before pinning)"
+    path = config_file(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+    if path is None or not path.exists():
+        import fla.ops.rwkv7  # noqa: F401
+
+        return "autotuned (no pinned table for this GPU)"
+    table = json.loads(path.read_text())["kernels"]
+    with _pinned_autotune(table):
+        import fla.ops.rwkv7  # noqa: F401
+    return f"pinned ({path.name})"
+
+
+def dump(path: Path) -> int:
+    """Write the configurations every fla autotuner chose in this process; returns the kernel count."""
+    import torch
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    kernels: dict[str, list[dict]] = {}
+    for tuner in (obj for obj in gc.get_objects() if isinstance(obj, Autotuner)):
+        kernel = _kernel_id(tuner.base_fn)
+        if not kernel.startswith("fla.") or not tuner.cache:
+            continue
+        chosen = {json.dumps(c.kwargs, sort_keys=True) + f"{c.num_warps}/{c.num_stages}": c
+                  for c in tuner.cache.values()}
+        kernels[kernel] = [{"kwargs": c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages,
+                            "num_ctas": c.num_ctas, "maxnreg": c.maxnreg} for c in chosen.values()]
+    document = {"gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+                "triton": triton.__version__, "kernels": dict(sorted(kernels.items()))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    return len(kernels)
