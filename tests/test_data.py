@@ -162,3 +162,34 @@ def test_corpus_smaller_than_one_window(tmp_path, corpus_file, tokenizer_file):
                                 val_fraction=0.25, workers=1))
     with pytest.raises(DataError, match="fewer than one window"):
         TokenWindows(out, "val", seq_len=100_000)
+
+
+def test_parquet_txt_and_json_array_sources(tmp_path, corpus_texts, tokenizer_file):
+    import pandas as pd
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    pd.DataFrame({"text": corpus_texts[:10]}).to_parquet(folder / "a.parquet")
+    (folder / "b.txt").write_text("\n\n".join(corpus_texts[10:20]))
+    (folder / "c.json").write_text(json.dumps([{"text": t} for t in corpus_texts[20:]]))
+    out = prepare(PrepareConfig(source=str(folder), tokenizer=tokenizer_file, output_dir=str(tmp_path / "d"),
+                                val_fraction=0.25, workers=1))
+    splits = json.loads((out / "meta.json").read_text())["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == len(corpus_texts)
+    assert splits["train"]["utf8_bytes"] + splits["val"]["utf8_bytes"] == sum(len(t.encode()) for t in corpus_texts)
+
+
+def test_hub_source_streams_the_configured_dataset(tmp_path, corpus_texts, tokenizer_file, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return ({"text": text, "id": i} for i, text in enumerate(corpus_texts))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    out = prepare(PrepareConfig(tokenizer=tokenizer_file, output_dir=str(tmp_path / "hub"), val_fraction=0.25,
+                                max_tokens=1500, workers=1))
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-350BT", "train", True)]
+    assert 1000 < json.loads((out / "meta.json").read_text())["splits"]["train"]["tokens"] <= 1500

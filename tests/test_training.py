@@ -168,3 +168,21 @@ def test_bad_data_path_is_a_one_line_error(tmp_path, capsys):
     assert main("qwen", ["--data_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and "missing" in err[-1]
+
+
+def test_activation_checkpointing_leaves_the_loss_curve_unchanged(data_dir, tmp_path):
+    assert run_in_process(data_dir, tmp_path / "plain", "--max_steps", "3") == 0
+    assert run_in_process(data_dir, tmp_path / "ckpt", "--max_steps", "3", "--activation_checkpointing") == 0
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+
+
+def test_two_process_fsdp2_run_completes(data_dir, tmp_path):
+    output = tmp_path / "fsdp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "rwkv" / "train_rwkv_fineweb.py"), "--data_path", data_dir, "--output_dir", str(output),
+               "--max_steps", "4", "--fsdp", *TINY]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = read_results(output)
+    assert results["status"] == "completed" and results["world_size"] == 2 and results["ppl"] > 1
+    assert (output / "checkpoint" / "model.safetensors").stat().st_size > 0
