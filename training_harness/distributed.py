@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from training_harness.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ProcessContext:
@@ -37,7 +39,7 @@ def setup(device_arg: str) -> ProcessContext:
     requested = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {requested} but CUDA is not available; use --device cpu")
+        raise ConfigError(f"--device {requested} but CUDA is not available; use --device cpu")
     if world_size == 1:
         device = torch.device(requested)
         if device.type == "cuda":

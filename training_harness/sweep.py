@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from efficientllm_metrics import RESULTS_FILE, write_json_atomic
+from efficientllm_metrics import RESULTS_FILE, SCHEMA_VERSION, write_json_atomic
 from training_harness.config import SPEC_GLOBAL_BATCH, TrainConfig
 from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, get_family
 from training_harness.tokenization import tokenizer_name
@@ -62,7 +62,7 @@ def record_crash(results_dir: Path, name: str, exit_code: int, log: str) -> None
     if run_status(results_dir, 0) not in ("missing", "corrupt"):
         return  # the run wrote its own outcome
     model, _, size = name.partition("_")
-    write_json_atomic(path, {"schema_version": 1, "status": "failed", "model": model, "size": size,
+    write_json_atomic(path, {"schema_version": SCHEMA_VERSION, "status": "failed", "model": model, "size": size,
                              "error": f"process exited with code {exit_code} without results; see {log}"})
 
 

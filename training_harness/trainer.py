@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from efficientllm_metrics import (
     RESULTS_FILE,
+    SCHEMA_VERSION,
     TIMELINE_FILE,
     Monitor,
     Run,
@@ -398,7 +399,8 @@ def _write_results(trainer: Trainer, config: TrainConfig, context, monitor: Moni
     }
     params = getattr(trainer, "params", None)
     if measurements is None or params is None:
-        document = {"schema_version": 1, **header, "params": params, "provenance": {"reason": outcome.error}}
+        document = {"schema_version": SCHEMA_VERSION, **header, "params": params,
+                    "provenance": {"reason": outcome.error}}
     else:
         reason = "validation not run: the run did not complete" if trainer.validation is None else ""
         run = Run(measurements, params, trainer.flops_per_token, trainer.validation, reason)
