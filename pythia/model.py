@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
 from transformers import GPTNeoXConfig, GPTNeoXModel
 
 from qwen.model import attention_flops_per_token
-from training_harness.lm import CausalLM
+from training_harness.lm import CausalLM, TransformersBackbone
 from training_harness.registry import ModelFamily
 
 _PAPER = {
@@ -25,24 +24,6 @@ SHAPES = {
 }
 
 
-class GPTNeoXBackbone(nn.Module):
-    def __init__(self, config: GPTNeoXConfig):
-        super().__init__()
-        self.model = GPTNeoXModel(config)
-
-    # Properties, not attributes: assigning the submodules again would register them twice.
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def embedding(self) -> nn.Embedding:
-        return self.model.embed_in
-
-    def forward(self, input_ids):
-        return self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D), final LayerNorm
-
-
 def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
     config = GPTNeoXConfig(
         vocab_size=vocab_size, hidden_size=shape["d_model"], num_hidden_layers=shape["layers"],
@@ -52,7 +33,7 @@ def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bo
         attn_implementation="sdpa",
     )
     # Pythia's output head is separate from the input embedding, initialised like its other linears.
-    return CausalLM(GPTNeoXBackbone(config), vocab_size, shape["d_model"], tie_embeddings=False,
+    return CausalLM(TransformersBackbone(GPTNeoXModel(config)), vocab_size, shape["d_model"], tie_embeddings=False,
                     kernel_path="torch SDPA (flash/efficient attention on CUDA)",
                     head_init_std=config.initializer_range)
 

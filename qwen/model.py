@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
 from transformers import Qwen2Config, Qwen2Model
 
-from training_harness.lm import CausalLM
+from training_harness.lm import CausalLM, TransformersBackbone
 from training_harness.registry import ModelFamily
 
 _PAPER = {
@@ -20,24 +19,6 @@ SHAPES = {
 }
 
 
-class Qwen2Backbone(nn.Module):
-    def __init__(self, config: Qwen2Config):
-        super().__init__()
-        self.model = Qwen2Model(config)
-
-    # Properties, not attributes: assigning the submodules again would register them twice.
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def embedding(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def forward(self, input_ids):
-        return self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D), final RMSNorm
-
-
 def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=shape["d_model"], intermediate_size=shape["ffn"],
@@ -46,7 +27,7 @@ def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bo
         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         attn_implementation="sdpa",
     )
-    return CausalLM(Qwen2Backbone(config), vocab_size, shape["d_model"], tie_embeddings=True,
+    return CausalLM(TransformersBackbone(Qwen2Model(config)), vocab_size, shape["d_model"], tie_embeddings=True,
                     kernel_path="torch SDPA (flash/efficient attention on CUDA)")
 
 

@@ -41,6 +41,27 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return total / labels.numel()
 
 
+class TransformersBackbone(nn.Module):
+    """A ``transformers`` base model (Qwen2Model, GPTNeoXModel, ...) as a backbone: hidden states after the
+    final norm, its decoder layers as ``blocks`` and its input embedding."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    # Properties, not attributes: assigning the submodules again would register them twice.
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D)
+
+
 class CausalLM(nn.Module):
     """A backbone (embedding, blocks, final norm) plus the output head and the training loss.
 
