@@ -219,8 +219,11 @@ class Trainer:
             tqdm.write(f"[{self.family.name} {self.config.model_size}] {message}", file=sys.stderr)
 
     # -------------------------------------------------------------------------------------------- loop
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer iteration: accumulation over micro-batches, clipping, AdamW, schedule."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer iteration: accumulation over micro-batches, clipping, AdamW, schedule.
+
+        Returns the summed micro-batch losses and the gradient norm, still on the device (no sync here).
+        """
         config, context = self.config, self.context
         loss_sum = torch.zeros((), device=context.device)
         for micro_step in range(self.accumulation):
@@ -246,7 +249,8 @@ class Trainer:
     def run(self, monitor: Monitor, stop: StopRequest, writer: SummaryWriter | None) -> Outcome:
         config = self.config
         tokens_per_step = self.micro_batch * self.accumulation * config.seq_len
-        progress = tqdm(total=config.max_steps, initial=self.step, disable=not self.context.is_main or None,
+        # Rank 0 only; disable=None hides the bar when stderr is not a terminal (logs of the sweep).
+        progress = tqdm(total=config.max_steps, initial=self.step, disable=None if self.context.is_main else True,
                         desc=f"{self.family.name} {config.model_size}", unit="step")
         monitor.start()
         last_boundary = time.perf_counter()
