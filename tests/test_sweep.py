@@ -114,3 +114,12 @@ def test_collector_on_crafted_results(tmp_path):
 def test_collector_with_nothing_to_collect(tmp_path, capsys):
     assert collector.main(["--results_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "t")]) == 2
     assert "no runs" in capsys.readouterr().err
+
+
+def test_dlc_needs_the_cluster_environment(tmp_path):
+    (tmp_path / "configs").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "WORLD_SIZE", "NODE_RANK", "RANK")}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "run_all_attention_free_experiments.sh"), "dlc",
+                             "cuda:0,1", "10"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env={**env, "EXPERIMENT_DIR": str(tmp_path)})
+    assert result.returncode != 0 and "dlc needs NNODES or WORLD_SIZE" in result.stderr

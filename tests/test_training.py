@@ -186,3 +186,14 @@ def test_two_process_fsdp2_run_completes(data_dir, tmp_path):
     results = read_results(output)
     assert results["status"] == "completed" and results["world_size"] == 2 and results["ppl"] > 1
     assert (output / "checkpoint" / "model.safetensors").stat().st_size > 0
+
+
+def test_periodic_evaluation_is_logged_and_kept_out_of_the_window(data_dir, tmp_path):
+    output = tmp_path / "evals"
+    assert run_in_process(data_dir, output, "--max_steps", "8", "--eval_interval", "3",
+                          "--checkpoint_interval", "4") == 0
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6, 8]  # periodic, then the final one
+    results = read_results(output)
+    assert results["provenance"]["measured_iterations"] == 8 - 3
+    assert results["tokens"] == (8 - 3) * 2 * 32
