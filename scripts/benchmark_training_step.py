@@ -2,7 +2,7 @@
 """Time the harness's own training iteration for each family and size (needs a GPU).
 
     python scripts/benchmark_training_step.py --qwen_data DIR --neox_data DIR [--families qwen,rwkv]
-        [--sizes 0.5B] [--preset paper] [--steps 12] [--micro_batch_size 1] [--extra "--compile"]
+        [--sizes 0.5B] [--preset paper] [--steps 12] [--micro_batch_size 1] [--extra "--compile"] [--naive]
 
 Each configuration runs the real training script in a fresh process (so the first step is cold:
 compilation and autotuning included) at the spec's global batch, then this prints one table and
@@ -27,7 +27,7 @@ from training_harness.registry import FAMILY_MODULES, SIZES, get_family  # noqa:
 from training_harness.tokenization import tokenizer_name  # noqa: E402
 
 COLUMNS = ("family", "size", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter", "peak_alloc_gb",
-           "first_step_s", "process_s")
+           "first_step_s", "process_s", "naive_tokens_per_s", "speedup_vs_naive")
 
 
 def run_one(family: str, size: str, args, work: Path) -> dict:
@@ -59,6 +59,15 @@ def run_one(family: str, size: str, args, work: Path) -> dict:
     return row
 
 
+def naive_reference(family: str, steps: int) -> dict:
+    """The stock implementation's tokens/s (scripts/benchmark_naive_reference.py), in a fresh process."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_naive_reference.py"), "--family",
+                             family, "--steps", str(steps)], capture_output=True, text=True)
+    if result.returncode:
+        return {"naive_error": result.stderr.strip()[-300:]}
+    return {"naive": json.loads(result.stdout.strip().splitlines()[-1])}
+
+
 def cell(value) -> str:
     if isinstance(value, float):
         return f"{value:,.3f}" if value < 100 else f"{value:,.0f}"
@@ -78,6 +87,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--micro_batch_size", type=int, default=1)
     parser.add_argument("--extra", default="", help="more training flags, e.g. '--compile'")
+    parser.add_argument("--naive", action="store_true",
+                        help="also time each family's stock implementation (0.5B shapes) for the speed-up")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -85,6 +96,12 @@ def main() -> int:
         for size in [s for s in args.sizes.split(",") if s in SIZES]:
             for family in args.families.split(","):
                 rows.append(run_one(family, size, args, Path(work)))
+                if args.naive and size == "0.5B" and args.preset == "paper":
+                    rows[-1].update(naive_reference(family, args.steps))
+                    naive = rows[-1].get("naive", {}).get("tokens_per_s")
+                    if naive and rows[-1].get("tokens_per_s"):
+                        rows[-1].update(naive_tokens_per_s=naive,
+                                        speedup_vs_naive=rows[-1]["tokens_per_s"] / naive)
                 print(" ".join(f"{k}={cell(rows[-1].get(k))}" for k in COLUMNS), flush=True)
     device = next((r["device"] for r in rows if r.get("device")), "unknown")
     output = args.output or ROOT / "docs" / "benchmarks" / f"training_step_{device.replace(' ', '_')}.json"

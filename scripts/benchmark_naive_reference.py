@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""The naive reference the harness is compared with: each family's stock implementation at the 0.5B paper
+shapes, bf16 weights, fused AdamW, eager, one 8192-token sequence per step, the library's own loss.
+
+    python scripts/benchmark_naive_reference.py --family qwen [--steps 10] [--seq_len 8192] [--device cuda]
+
+Stock implementations: transformers' Qwen2ForCausalLM and GPTNeoXForCausalLM, mamba-ssm's
+MambaLMHeadModel (Mamba-1), flash-linear-attention's RWKV7ForCausalLM. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+VOCAB = {"qwen": 151_936, "pythia": 50_304, "mamba": 50_304, "rwkv": 50_304}
+
+
+def build(family: str) -> torch.nn.Module:
+    if family == "qwen":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=VOCAB[family], hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="sdpa",
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}))
+    if family == "pythia":
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        return GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=VOCAB[family], hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+            intermediate_size=4096, max_position_embeddings=8192, attn_implementation="sdpa",
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25}))
+    if family == "mamba":
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+        return MambaLMHeadModel(MambaConfig(d_model=768, n_layer=24, vocab_size=VOCAB[family],
+                                            ssm_cfg={"layer": "Mamba1"}))
+    if family == "rwkv":
+        from fla.models import RWKV7Config, RWKV7ForCausalLM
+
+        return RWKV7ForCausalLM(RWKV7Config(hidden_size=1024, num_hidden_layers=24, head_dim=64,
+                                            vocab_size=VOCAB[family]))
+    raise ValueError(f"unknown family {family!r}")
+
+
+def loss_of(family: str, model, tokens: torch.Tensor) -> torch.Tensor:
+    if family == "mamba":  # MambaLMHeadModel returns logits only
+        logits = model(tokens).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    return model(input_ids=tokens, labels=tokens).loss  # the library shifts the labels by one
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, choices=sorted(VOCAB))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--seq_len", type=int, default=8192)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build(args.family).to(device=device, dtype=torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    tokens = torch.randint(0, VOCAB[args.family], (1, args.seq_len), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        loss_of(args.family, model, tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - started)
+    step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    row = {"family": args.family, "variant": "naive", "params_m": round(sum(p.numel() for p in model.parameters())
+                                                                          / 1e6, 1),
+           "tokens_per_s": args.seq_len / step_s, "s_per_step": step_s, "first_step_s": times[0],
+           "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
