@@ -193,7 +193,8 @@ class Monitor:
     def _close_segment(self) -> None:
         """End the segment at the last iteration boundary; add the energy counters' delta."""
         read_at, readings = self.clock(), self._read_energy()
-        self._segments.append((self._segment_start, self._last_boundary))
+        if self._last_boundary > self._segment_start:  # a pause right after a resume adds no training time
+            self._segments.append((self._segment_start, self._last_boundary))
         self._energy_seconds += read_at - self._energy_start[0]
         for gpu, (begin, end) in enumerate(zip(self._energy_start[1], readings)):
             unsupported = begin is None or end is None or self._energy_j[gpu] is None

@@ -200,6 +200,8 @@ def test_paused_evaluation_is_outside_the_window():
             monitor.pause()
             advance(10.0)
             monitor.resume()
+            monitor.pause()  # back to back (a checkpoint right after): an empty segment adds nothing
+            monitor.resume()
     measurement = monitor.stop()
     assert measurement.iteration_s == [1.0, 1.0, 1.0, 1.0]
     assert measurement.window_s == pytest.approx(4.0)

@@ -23,7 +23,8 @@ def resolve_data_path(data_path: str, tokenizer: str, val_fraction: float) -> Pa
         return path
     if path.is_file() and path.suffix in LOCAL_SUFFIXES:
         stat = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{tokenizer}:{val_fraction}"
+        key = hashlib.sha256(identity.encode()).hexdigest()[:12]
         cache = CACHE_ROOT / f"{path.stem}-{tokenizer_name(tokenizer)}-{key}"
         return prepare(PrepareConfig(source=str(path), tokenizer=tokenizer, output_dir=str(cache),
                                      val_fraction=val_fraction, workers=1))
