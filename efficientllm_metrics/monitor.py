@@ -130,9 +130,9 @@ class Monitor:
 
     def start(self, thread: bool = True) -> None:
         """Begin sampling and mark the start of the first iteration."""
+        self.sampler.sample_once()  # before the thread starts: one sampler at a time
         if thread:
             self.sampler.start()
-        self.sampler.sample_once()
         self._allocator.synchronize()
         self._last_boundary = self.clock()
         if self.warmup_iterations == 0:
