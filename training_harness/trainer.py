@@ -356,7 +356,7 @@ def train(config: TrainConfig) -> int:
         writer = SummaryWriter(str(output / "tensorboard")) if context.is_main else None
         with StopRequest() as stop:
             outcome = trainer.run(monitor, stop, writer)
-            measurement = monitor.stop()
+            monitor.stop()  # the window ends before the final evaluation
             if outcome.status == "completed":
                 trainer.finish()
     except torch.cuda.OutOfMemoryError as error:
@@ -370,22 +370,17 @@ def train(config: TrainConfig) -> int:
     finally:
         if writer is not None:
             writer.close()
-    if outcome.status in ("oom", "nan"):
-        _write_results(trainer, config, context, monitor, outcome)
-    else:
-        _write_results(trainer, config, context, monitor, outcome, measurement)
+    _write_results(trainer, config, context, monitor, outcome)
     distributed.teardown()
     if outcome.error:
         print(f"{outcome.status}: {outcome.error}", file=sys.stderr)
     return outcome.exit_code
 
 
-def _write_results(trainer: Trainer, config: TrainConfig, context, monitor: Monitor | None, outcome: Outcome,
-                   measurement=None) -> None:
+def _write_results(trainer: Trainer, config: TrainConfig, context, monitor: Monitor | None,
+                   outcome: Outcome) -> None:
     """Every rank hands its measurement to rank 0, which writes the one results file."""
-    if monitor is not None and measurement is None:
-        measurement = monitor.stop()
-    measurements = gather_measurements(measurement) if measurement is not None else None
+    measurements = gather_measurements(monitor.stop()) if monitor is not None else None
     if monitor is not None:
         name = TIMELINE_FILE if context.rank == 0 else TIMELINE_FILE.replace(".csv", f"_rank{context.rank}.csv")
         uuids = [gpu.uuid for gpu in (monitor.backend.gpus if monitor.backend else [])]
