@@ -261,9 +261,12 @@ class Monitor:
         window.memory_peak_bytes = max(inside) if inside else None
         if window.memory_peak_bytes is None:
             window.reasons["memory_peak_bytes"] = "no memory sample inside the window"
-        window.power_mean_w = self._window_value(gpu, "power_w", time_average, window.reasons, "power_mean_w")
         window.energy_integral_j = self._window_value(gpu, "power_w", integrate_segments,
                                                       window.reasons, "energy_integral_j")
+        if window.energy_integral_j is not None:  # the mean is the same integral over the window's length
+            window.power_mean_w = window.energy_integral_j / sum(end - start for start, end in self._segments)
+        else:
+            window.reasons["power_mean_w"] = window.reasons["energy_integral_j"]
         window.energy_counter_j = self._energy_j[gpu]
         if window.energy_counter_j is None:
             window.reasons["energy_counter_j"] = "NVML total-energy counter unsupported on this GPU"
