@@ -63,6 +63,15 @@ def selective_scan(x, delta, A, B, C, D):
     return torch.stack(outputs, dim=-1) + x * D.unsqueeze(-1)
 
 
+@torch.compiler.disable  # CUDA kernels behind an autograd.Function: run eagerly inside compiled blocks
+def _fused_mixer(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias):
+    """mamba-ssm's fused conv, selective scan, gate and output projection."""
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+
+    return mamba_inner_fn(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None, A,
+                          None, None, D, delta_bias=dt_bias, delta_softplus=True)
+
+
 class MambaMixer(nn.Module):
     def __init__(self, d_model: int, fused: bool):
         super().__init__()
@@ -92,11 +101,8 @@ class MambaMixer(nn.Module):
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
         A = -torch.exp(self.A_log.float())  # (E, N)
         if self.fused:
-            from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-
-            return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
-                                  self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A, None, None,
-                                  self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+            return _fused_mixer(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                                self.out_proj.weight, A, self.D.float(), self.dt_proj.bias.float())
         x, z = xz.chunk(2, dim=1)  # (B, E, L) each
         x = F.silu(self.conv1d(x)[..., :length])  # causal: keep the first L outputs
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, D_STATE, D_STATE], dim=-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -55,20 +56,20 @@ def _pinned_autotune(table: dict[str, list[dict]]):
         triton.autotune = original
 
 
-def import_fla_with_pinned_configs() -> str:
-    """Import fla's RWKV-7 op, pinned when a table exists for this GPU; returns how kernels were chosen."""
+def import_fla_with_pinned_configs(module: str = "fla.ops.rwkv7") -> str:
+    """Import ``module`` of fla (default: the RWKV-7 op), its kernels pinned when a table exists for this
+    GPU; returns how kernels were chosen."""
     import torch
 
     if "fla" in sys.modules:
         return "autotuned (fla was imported before pinning)"
     path = config_file(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
     if path is None or not path.exists():
-        import fla.ops.rwkv7  # noqa: F401
-
+        importlib.import_module(module)
         return "autotuned (no pinned table for this GPU)"
     table = json.loads(path.read_text())["kernels"]
     with _pinned_autotune(table):
-        import fla.ops.rwkv7  # noqa: F401
+        importlib.import_module(module)
     return f"pinned ({path.name})"
 
 

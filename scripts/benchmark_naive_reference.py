@@ -15,9 +15,12 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VOCAB = {"qwen": 151_936, "pythia": 50_304, "mamba": 50_304, "rwkv": 50_304}
 
@@ -44,6 +47,11 @@ def build(family: str) -> torch.nn.Module:
         return MambaLMHeadModel(MambaConfig(d_model=768, n_layer=24, vocab_size=VOCAB[family],
                                             ssm_cfg={"layer": "Mamba1"}))
     if family == "rwkv":
+        from rwkv.kernel_configs import import_fla_with_pinned_configs
+
+        # The chunk kernels take the configurations autotuning chose for the harness (minutes saved);
+        # the layer's other kernels autotune as usual.
+        import_fla_with_pinned_configs("fla.models")
         from fla.models import RWKV7Config, RWKV7ForCausalLM
 
         return RWKV7ForCausalLM(RWKV7Config(hidden_size=1024, num_hidden_layers=24, head_dim=64,

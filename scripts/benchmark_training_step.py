@@ -2,11 +2,13 @@
 """Time the harness's own training iteration for each family and size (needs a GPU).
 
     python scripts/benchmark_training_step.py --qwen_data DIR --neox_data DIR [--families qwen,rwkv]
-        [--sizes 0.5B] [--preset paper] [--steps 12] [--micro_batch_size 1] [--extra "--compile"] [--naive]
+        [--sizes 0.5B] [--preset paper] [--steps 12] [--variant NAME="FLAGS" ...] [--naive]
 
-Each configuration runs the real training script in a fresh process (so the first step is cold:
-compilation and autotuning included) at the spec's global batch, then this prints one table and
-writes the rows as JSON (default docs/benchmarks/training_step_<gpu>.json).
+Each family x size x variant runs the real training script in a fresh process (so the first step is
+cold: compilation and autotuning included) at the spec's global batch; a variant is a name and the
+training flags it adds (default: one variant, "default", with none). --naive times each family's stock
+implementation once, after its first variant. Prints one table and writes the rows as JSON (default
+docs/benchmarks/training_step_<gpu>.json).
 """
 
 from __future__ import annotations
@@ -26,21 +28,21 @@ sys.path.insert(0, str(ROOT))
 from training_harness.registry import FAMILY_MODULES, SIZES, get_family  # noqa: E402
 from training_harness.tokenization import tokenizer_name  # noqa: E402
 
-COLUMNS = ("family", "size", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter", "peak_alloc_gb",
-           "first_step_s", "process_s", "naive_tokens_per_s", "speedup_vs_naive")
+COLUMNS = ("family", "size", "variant", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter",
+           "peak_alloc_gb", "first_step_s", "process_s", "naive_tokens_per_s", "speedup_vs_naive")
 
 
-def run_one(family: str, size: str, args, work: Path) -> dict:
+def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) -> dict:
     data = args.qwen_data if family == "qwen" else args.neox_data
-    output = work / f"{family}_{size}"
+    output = work / f"{family}_{size}_{variant}"
     command = [sys.executable, str(ROOT / family / f"train_{family}_fineweb.py"), "--model_size", size,
                "--preset", args.preset, "--data_path", str(data), "--output_dir", str(output),
-               "--max_steps", str(args.steps), "--micro_batch_size", str(args.micro_batch_size),
-               "--eval_windows", "1", "--device", "cuda", *shlex.split(args.extra)]
+               "--max_steps", str(args.steps), "--eval_windows", "1", "--no-final_checkpoint", "--device", "cuda",
+               *shlex.split(flags)]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     process_s = time.perf_counter() - started
-    row = {"family": family, "size": size, "micro": args.micro_batch_size, "process_s": round(process_s, 1),
+    row = {"family": family, "size": size, "variant": variant, "process_s": round(process_s, 1),
            "command": " ".join(command[1:])}
     try:
         metrics = json.loads((output / "efficientllm_metrics.json").read_text())
@@ -51,7 +53,8 @@ def run_one(family: str, size: str, args, work: Path) -> dict:
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()] \
         if (output / "log.jsonl").exists() else []
     first = next((r["step_s"] for r in log if r.get("step") == 1 and "step_s" in r), None)
-    row.update(status=metrics["status"], params_m=round(metrics["params"] / 1e6, 1),
+    row.update(status=metrics["status"], micro=metrics.get("micro_batch_size"),
+               params_m=round(metrics["params"] / 1e6, 1),
                tokens_per_s=metrics.get("tokens_per_s"), mfu=metrics.get("mfu"),
                s_per_iter=metrics.get("al_s_per_iter"), peak_alloc_gb=metrics.get("allocator_peak_allocated_gb"),
                first_step_s=first, kernel_path=metrics.get("kernel_path"), device=metrics.get("device_name"),
@@ -85,24 +88,28 @@ def main() -> int:
     parser.add_argument("--sizes", default="0.5B")
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--micro_batch_size", type=int, default=1)
-    parser.add_argument("--extra", default="", help="more training flags, e.g. '--compile'")
+    parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                        help="a named set of training flags, e.g. mb2=\"--micro_batch_size 2 --compile\"")
     parser.add_argument("--naive", action="store_true",
                         help="also time each family's stock implementation (0.5B shapes) for the speed-up")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant] or [("default", "")]
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for size in [s for s in args.sizes.split(",") if s in SIZES]:
             for family in args.families.split(","):
-                rows.append(run_one(family, size, args, Path(work)))
-                if args.naive and size == "0.5B" and args.preset == "paper":
-                    rows[-1].update(naive_reference(family, args.steps))
-                    naive = rows[-1].get("naive", {}).get("tokens_per_s")
-                    if naive and rows[-1].get("tokens_per_s"):
-                        rows[-1].update(naive_tokens_per_s=naive,
-                                        speedup_vs_naive=rows[-1]["tokens_per_s"] / naive)
-                print(" ".join(f"{k}={cell(rows[-1].get(k))}" for k in COLUMNS), flush=True)
+                naive = None
+                for name, flags in variants:
+                    rows.append(run_one(family, size, name, flags, args, Path(work)))
+                    if args.naive and size == "0.5B" and args.preset == "paper":
+                        naive = naive or naive_reference(family, args.steps)
+                        rows[-1].update(naive)
+                        reference = naive.get("naive", {}).get("tokens_per_s")
+                        if reference and rows[-1].get("tokens_per_s"):
+                            rows[-1].update(naive_tokens_per_s=reference,
+                                            speedup_vs_naive=rows[-1]["tokens_per_s"] / reference)
+                    print(" ".join(f"{k}={cell(rows[-1].get(k))}" for k in COLUMNS), flush=True)
     device = next((r["device"] for r in rows if r.get("device")), "unknown")
     output = args.output or ROOT / "docs" / "benchmarks" / f"training_step_{device.replace(' ', '_')}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

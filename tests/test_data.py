@@ -69,11 +69,28 @@ def test_windows_shift_by_exactly_one_and_are_deterministic(tmp_path, corpus_fil
         start = next(s for s in range(len(tokens) - 32) if (tokens[s:s + 32] == row_x).all())
         assert (tokens[start + 1:start + 33] == row_y).all()
     again, _ = windows.training_batch(seed=1, step=3, micro_step=0, rank=0, batch_size=4)
-    other_rank, _ = windows.training_batch(seed=1, step=3, micro_step=0, rank=1, batch_size=4)
-    assert torch_equal(x, again) and not torch_equal(x, other_rank)
+    other_step, _ = windows.training_batch(seed=1, step=4, micro_step=0, rank=0, batch_size=4)
+    assert torch_equal(x, again) and not torch_equal(x, other_step)
     seq, _ = windows.training_batch(seed=1, step=0, micro_step=1, rank=0, batch_size=2, order="sequential",
                                     micro_steps=2, world_size=1)
     assert seq[0, 0].item() == tokens[2 * 32] and seq[1, 0].item() == tokens[3 * 32]
+
+
+@pytest.mark.parametrize("order", ["random", "sequential"])
+def test_a_step_trains_on_the_same_windows_however_it_is_split(tmp_path, corpus_file, tokenizer_file, order):
+    out = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "d"),
+                                val_fraction=0.25, workers=1))
+    windows = TokenWindows(out, "train", seq_len=16)
+    whole, _ = windows.training_batch(seed=7, step=2, micro_step=0, rank=0, batch_size=4, order=order)
+
+    def split(micro: int, micro_steps: int, world_size: int) -> np.ndarray:
+        parts = [windows.training_batch(seed=7, step=2, micro_step=m, rank=r, batch_size=micro, order=order,
+                                        micro_steps=micro_steps, world_size=world_size)[0]
+                 for m in range(micro_steps) for r in range(world_size)]
+        return np.concatenate([p.numpy() for p in parts])
+
+    for micro, micro_steps, world_size in [(2, 2, 1), (1, 4, 1), (1, 2, 2), (2, 1, 2)]:
+        assert (split(micro, micro_steps, world_size) == whole.numpy()).all()
 
 
 def test_validation_reads_a_fixed_set(tmp_path, corpus_file, tokenizer_file):

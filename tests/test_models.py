@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import mamba.model as mamba_model
 import rwkv.model as rwkv_model
 from rwkv.wkv7 import wkv7_reference
-from training_harness.lm import chunked_cross_entropy
+from training_harness.lm import linear_cross_entropy
 from training_harness.registry import FAMILY_MODULES, count_on_meta, get_family
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,17 +67,35 @@ def test_vocabulary_rows_are_padded_to_64():
     assert get_family("qwen").vocab_rows(384, "tiny") == 384
 
 
-def test_chunked_cross_entropy_equals_full():
+def test_linear_cross_entropy_equals_the_full_logits_loss():
     hidden = torch.randn(3, 50, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 97, (3, 50))
-    loss = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=32)
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_tokens=32)  # chunks of 32 and 18 tokens
     ref = F.cross_entropy((hidden @ weight.t()).reshape(-1, 97), labels.reshape(-1))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
-    grads = torch.autograd.grad(loss, (hidden, weight))
-    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    with torch.no_grad():  # the evaluation path: loss only
+        assert linear_cross_entropy(hidden, weight, labels, chunk_tokens=32).item() == pytest.approx(ref.item())
+    grads = torch.autograd.grad(3.0 * loss, (hidden, weight))  # a scaled loss scales the gradients
+    ref_grads = torch.autograd.grad(3.0 * ref, (hidden, weight))
     for got, want in zip(grads, ref_grads):
         assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_linear_cross_entropy_under_autocast_keeps_a_float32_weight_gradient():
+    hidden = torch.randn(64, 32, requires_grad=True)
+    weight = torch.randn(300, 32, requires_grad=True)
+    labels = torch.randint(0, 300, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_tokens=16)
+    loss.backward()
+    exact_weight = weight.detach().double().requires_grad_()
+    ref = F.cross_entropy(hidden.detach().double() @ exact_weight.t(), labels)
+    ref.backward()
+    assert loss.dtype == weight.grad.dtype == hidden.grad.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-2)  # bf16 products
+    error = (weight.grad.double() - exact_weight.grad).norm() / exact_weight.grad.norm()
+    assert error < 2e-2
 
 
 def wkv7_official_layout(r, w, k, v, a, b):

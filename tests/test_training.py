@@ -105,6 +105,28 @@ def test_out_of_memory_is_recorded(data_dir, tmp_path, monkeypatch):
     assert results["ppl"] is None
 
 
+def test_automatic_micro_batch_halves_until_the_first_step_fits(data_dir, tmp_path, monkeypatch):
+    original = trainer_module.Trainer.train_step
+
+    def oom_above_two_sequences(self):
+        if self.micro_batch > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", oom_above_two_sequences)
+    automatic = [a for a in TINY if a not in ("--micro_batch_size", "1", "--batch_size", "2")]
+    halved = tmp_path / "halved"
+    assert main("qwen", ["--data_path", data_dir, "--output_dir", str(halved), *automatic, "--batch_size", "8",
+                         "--max_steps", "4"]) == 0
+    results = read_results(halved)
+    assert (results["micro_batch_size"], results["accumulation_steps"]) == (2, 4)
+    assert results["tokens"] == (4 - 3) * 8 * 32  # the failed attempts add nothing
+    explicit = tmp_path / "explicit"
+    assert main("qwen", ["--data_path", data_dir, "--output_dir", str(explicit), *automatic, "--batch_size", "8",
+                         "--micro_batch_size", "2", "--max_steps", "4"]) == 0
+    assert losses(halved) == losses(explicit)  # the same windows, the same arithmetic
+
+
 def test_non_finite_loss_stops_the_run(data_dir, tmp_path, monkeypatch):
     original = trainer_module.Trainer.train_step
 
@@ -174,6 +196,13 @@ def test_activation_checkpointing_leaves_the_loss_curve_unchanged(data_dir, tmp_
     assert run_in_process(data_dir, tmp_path / "plain", "--max_steps", "3") == 0
     assert run_in_process(data_dir, tmp_path / "ckpt", "--max_steps", "3", "--activation_checkpointing") == 0
     assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+
+
+def test_compiled_blocks_and_loss_follow_the_eager_loss_curve(data_dir, tmp_path):
+    assert run_in_process(data_dir, tmp_path / "eager", "--max_steps", "3") == 0
+    assert run_in_process(data_dir, tmp_path / "compiled", "--max_steps", "3", "--compile") == 0
+    assert read_results(tmp_path / "compiled")["compile"] is True
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
 
 
 def test_two_process_fsdp2_run_completes(data_dir, tmp_path):

@@ -15,6 +15,7 @@ from training_harness.registry import PRESETS, SIZES
 #: Sequences per optimizer step in the study, by nominal size.
 SPEC_GLOBAL_BATCH = {"0.5B": 8, "1.5B": 4, "3B": 2}
 PRECISIONS = ("bf16-mixed", "bf16", "fp32")
+ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")
 
 
 @dataclass(kw_only=True)
@@ -33,7 +34,9 @@ class TrainConfig:
     batch_size: int | None = field(default=None, metadata={
         "help": "global sequences per optimizer step (default: the spec's 8/4/2 for 0.5B/1.5B/3B)"})
     micro_batch_size: int | None = field(default=None, metadata={
-        "help": "sequences per forward pass on one GPU; the rest is gradient accumulation"})
+        "help": "sequences per forward pass on one GPU; the rest is gradient accumulation (default: one "
+                "process starts at the whole batch and halves it while the first step runs out of memory; "
+                "several processes use 1)"})
     seq_len: int = field(default=8192, metadata={"help": "tokens per training window"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr x this"})
@@ -43,13 +46,16 @@ class TrainConfig:
     precision: str = field(default="bf16-mixed", metadata={
         "help": "bf16-mixed (bf16 autocast, fp32 weights), bf16 (pure) or fp32"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile each block and the loss"})
+    attention: str = field(default="auto", metadata={
+        "help": f"SDPA kernel for the transformers on CUDA: {', '.join(ATTENTION_KERNELS)} (auto: PyTorch's choice)"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP2 sharding instead of DDP under torchrun"})
     seed: int = field(default=1234, metadata={"help": "weights and data order"})
     data_order: str = field(default="random", metadata={"help": "random or sequential training windows"})
     eval_interval: int = field(default=0, metadata={"help": "validate every N steps (0: at the end only)"})
     eval_windows: int = field(default=16, metadata={"help": "validation windows (fixed set)"})
     checkpoint_interval: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at the end)"})
+    final_checkpoint: bool = field(default=True, metadata={"help": "checkpoint the completed run"})
     save_optimizer: bool = field(default=False, metadata={"help": "keep AdamW state in checkpoints"})
     resume: bool = field(default=False, metadata={"help": "continue from output_dir's checkpoint"})
     device: str = field(default="", metadata={"help": "cuda, cuda:N or cpu (default: cuda if available)"})
@@ -65,6 +71,7 @@ class TrainConfig:
             (self.preset in PRESETS, f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.data_order in ("random", "sequential"), "data_order must be random or sequential"),
+            (self.attention in ATTENTION_KERNELS, f"attention must be one of {ATTENTION_KERNELS}"),
             (self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}"),
             (self.seq_len > 0, f"seq_len must be positive, got {self.seq_len}"),
             (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be positive and min_lr_ratio in [0, 1]"),
@@ -82,7 +89,7 @@ class TrainConfig:
 
     def batch_plan(self, world_size: int) -> tuple[int, int]:
         """(micro-batch per rank, accumulation steps) that make up the global batch exactly."""
-        micro = self.micro_batch_size or max(1, self.global_batch // world_size)
+        micro = self.micro_batch_size or (self.global_batch if world_size == 1 else 1)
         if self.global_batch % (micro * world_size):
             raise ConfigError(f"batch_size {self.global_batch} is not a multiple of micro_batch_size x world size "
                               f"= {micro} x {world_size}; change one of them")

@@ -55,14 +55,18 @@ class TokenWindows:
     def training_batch(self, seed: int, step: int, micro_step: int, rank: int, batch_size: int,
                        order: str = "random", micro_steps: int = 1,
                        world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same (seed, step, micro_step, rank) always gives the same windows: resumable, rank-disjoint."""
+        """This micro-batch's share of step ``step``'s global batch.
+
+        A step's global batch depends only on (seed, step): splitting it differently into micro-batches
+        and ranks trains on the same windows, and a resumed run sees what the interrupted one would have.
+        """
+        global_batch = batch_size * micro_steps * world_size
+        first = (micro_step * world_size + rank) * batch_size  # this share's offset within the global batch
         if order == "random":
-            rng = np.random.default_rng([seed, step, micro_step, rank])
-            starts = rng.integers(0, len(self.tokens) - self.seq_len, size=batch_size)
-        elif order == "sequential":
-            # Consecutive windows in (step, micro_step, rank) order, wrapping at the end of the split.
-            first = ((step * micro_steps + micro_step) * world_size + rank) * batch_size
-            starts = ((first + np.arange(batch_size)) % self.window_count) * self.seq_len
+            rng = np.random.default_rng([seed, step])
+            starts = rng.integers(0, len(self.tokens) - self.seq_len, size=global_batch)[first:first + batch_size]
+        elif order == "sequential":  # consecutive windows, wrapping at the end of the split
+            starts = ((step * global_batch + first + np.arange(batch_size)) % self.window_count) * self.seq_len
         else:
             raise ValueError(f"data order must be random or sequential, got {order!r}")
         return self._batch(starts)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-#: Tokens per cross-entropy chunk: 4096 x 151,936 bf16 logits are 1.2 GB, recomputed in backward.
+#: Tokens per cross-entropy chunk: 4096 x 151,936 bf16 logits are 1.2 GB.
 LOSS_CHUNK_TOKENS = 4096
 
 
@@ -15,29 +14,72 @@ def round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = hidden @ weight.t()  # (N, V), bf16 under autocast
-    return F.cross_entropy(logits.to(_loss_dtype(hidden)), labels, reduction="sum")
+def softmax_cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of (N, V) logits and its gradient with respect to them, in float32 arithmetic
+    at least.
 
-
-def _loss_dtype(hidden: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(hidden.dtype, torch.float32)  # at least float32 for the softmax
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
-    """Mean next-token cross-entropy without keeping the full (tokens, vocab) logits alive.
-
-    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so
-    peak memory holds one chunk of logits instead of all of them.
+    Returns (loss sum, d loss / d logits in the logits' dtype). Compiled, this is two passes over the
+    logits; eager, about ten.
     """
-    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+    logits32 = logits.to(_math_dtype(logits.dtype))
+    log_normalizer = torch.logsumexp(logits32, dim=-1, keepdim=True)  # (N, 1)
+    loss = (log_normalizer.squeeze(1) - logits32.gather(1, labels.unsqueeze(1)).squeeze(1)).sum()
+    grad = (logits32 - log_normalizer).exp()  # softmax
+    grad = grad.scatter_add(1, labels.unsqueeze(1), -torch.ones_like(grad[:, :1]))  # minus the one-hot target
+    return loss, grad.to(logits.dtype)
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight^T, labels_i), one chunk of tokens at a time. The gradients are computed in
+    the forward pass, so no chunk's logits outlive it and none is recomputed in the backward pass; the
+    weight's gradient is accumulated over chunks in float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens, loss_and_grad):
+        matrix = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=_math_dtype(weight.dtype))
+        total = hidden.new_zeros((), dtype=_math_dtype(hidden.dtype))
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            chunk = hidden[start:start + chunk_tokens]
+            loss, grad_logits = loss_and_grad(chunk @ matrix.t(), labels[start:start + chunk_tokens])
+            total += loss
+            grad_hidden[start:start + chunk_tokens] = grad_logits @ matrix
+            grad_weight += grad_logits.t() @ chunk
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_tokens: int = LOSS_CHUNK_TOKENS, loss_and_grad=softmax_cross_entropy_grad
+                         ) -> torch.Tensor:
+    """Mean next-token cross-entropy of the output head without the (tokens, vocab) logits in memory.
+
+    hidden (..., D), weight (V, D), labels (...). The matrix products run in the autocast dtype when autocast
+    is on (bf16 on the GPU), else in hidden's dtype.
+    """
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     labels = labels.reshape(-1)
-    total = hidden.new_zeros((), dtype=_loss_dtype(hidden))
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        stop = start + chunk_tokens
-        total = total + checkpoint(_chunk_loss_sum, hidden[start:stop], weight, labels[start:stop],
-                                   use_reentrant=False)
+    with torch.autocast(device_type, enabled=False):  # the products run in ``dtype``, the softmax in float32
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            total = _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, loss_and_grad)
+        else:  # evaluation: the loss alone
+            matrix = weight.to(dtype)
+            total = sum(F.cross_entropy((hidden[i:i + chunk_tokens] @ matrix.t()).to(_math_dtype(dtype)),
+                                        labels[i:i + chunk_tokens], reduction="sum")
+                        for i in range(0, hidden.shape[0], chunk_tokens))
     return total / labels.numel()
 
 
@@ -76,6 +118,7 @@ class CausalLM(nn.Module):
         self.backbone = backbone
         self.vocab_size = vocab_size
         self.kernel_path = kernel_path
+        self.loss_and_grad = softmax_cross_entropy_grad
         self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
         if self.lm_head is not None and head_init_std is not None:
             nn.init.normal_(self.lm_head.weight, std=head_init_std)
@@ -93,7 +136,14 @@ class CausalLM(nn.Module):
         hidden = self.backbone(input_ids)
         if labels is None:
             return hidden @ self.head_weight.t()
-        return chunked_cross_entropy(hidden, self.head_weight, labels)
+        return linear_cross_entropy(hidden, self.head_weight, labels, loss_and_grad=self.loss_and_grad)
+
+    def compile_regions(self, **kwargs) -> None:
+        """Regional compilation: each block (compiled once, reused by its identical siblings) and the
+        loss's softmax; kernels that dynamo cannot trace stay eager behind ``torch.compiler.disable``."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+        self.loss_and_grad = torch.compile(softmax_cross_entropy_grad, **kwargs)
 
 
 def parameter_count(model: nn.Module) -> int:

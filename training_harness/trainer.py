@@ -32,7 +32,7 @@ from efficientllm_metrics import (
 from training_harness import checkpoint, distributed
 from training_harness.config import TrainConfig
 from training_harness.data import TokenWindows, resolve_data_path
-from training_harness.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM
+from training_harness.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM, ConfigError
 from training_harness.lm import no_weight_decay, parameter_count
 from training_harness.registry import get_family
 
@@ -105,10 +105,18 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
-def autocast(config: TrainConfig, device: torch.device):
+def compute_context(config: TrainConfig, device: torch.device) -> contextlib.ExitStack:
+    """bf16 autocast for bf16-mixed, and the chosen attention kernel."""
+    stack = contextlib.ExitStack()
     if config.precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    if config.attention != "auto":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[config.attention]
+        stack.enter_context(sdpa_kernel(backend))
+    return stack
 
 
 @torch.no_grad()
@@ -117,7 +125,7 @@ def evaluate(model, windows: TokenWindows, config: TrainConfig, micro_batch: int
     model.eval()
     loss_sum, tokens = 0.0, 0
     for inputs, labels in windows.validation_batches(config.eval_windows, micro_batch):
-        with autocast(config, device):
+        with compute_context(config, device):
             loss = model(inputs.to(device), labels.to(device))
         loss_sum += loss.item() * labels.numel()
         tokens += labels.numel()
@@ -164,6 +172,8 @@ class Trainer:
         shape = self.family.shape(config.model_size, config.preset)
         self.vocab_rows = self.family.vocab_rows(meta["vocab_size"], config.preset)
 
+        if config.attention != "auto" and not context.cuda_indices:
+            raise ConfigError(f"--attention {config.attention} picks a CUDA kernel; use auto on {context.device}")
         torch.manual_seed(config.seed)
         with torch.device(context.device):
             model = self.family.build(shape, self.vocab_rows, context.device.type, config.allow_slow_kernels)
@@ -172,14 +182,14 @@ class Trainer:
         self.kernel_path = model.kernel_path
         self.params = parameter_count(model)
         self.flops_per_token = self.family.flops_per_token(model, shape, config.seq_len)
+        if config.compile:
+            model.compile_regions()
         if config.activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
             blocks = set(model.blocks)
             apply_activation_checkpointing(model, check_fn=lambda module: module in blocks)
         self.model = distributed.wrap(model, context, config.fsdp)
-        if config.compile:
-            self.model = torch.compile(self.model)
         self.optimizer = build_optimizer(self.model, config, context.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
         if config.resume and checkpoint.exists(self.output):
@@ -236,7 +246,7 @@ class Trainer:
             # DDP all-reduces gradients only on the last micro-batch.
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
-                with autocast(config, context.device):
+                with compute_context(config, context.device):
                     loss = self.model(inputs, labels)
                 (loss / self.accumulation).backward()
             loss_sum += loss.detach()
@@ -253,6 +263,7 @@ class Trainer:
         progress = tqdm(total=config.max_steps, initial=self.step, disable=None if self.context.is_main else True,
                         desc=f"{self.family.name} {config.model_size}", unit="step")
         monitor.start()
+        first_step = True
         last_boundary = time.perf_counter()
         while self.step < config.max_steps:
             if stop.signal_name:
@@ -260,7 +271,14 @@ class Trainer:
                 checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step, True,
                                 self.context.is_main)
                 return Outcome("interrupted", EXIT_INTERRUPTED, f"stopped by {stop.signal_name} at step {self.step}")
-            loss_sum, grad_norm = self.train_step()
+            try:
+                loss_sum, grad_norm = self.train_step()
+            except torch.cuda.OutOfMemoryError:
+                if not self._may_halve_micro_batch(first_step):
+                    raise
+                self._halve_micro_batch()  # outside the except block, which holds the failed step's tensors
+                continue
+            first_step = False
             monitor.iteration_done(tokens_per_step)
             self.step += 1
             now = time.perf_counter()
@@ -278,6 +296,21 @@ class Trainer:
             last_boundary = time.perf_counter()
         progress.close()
         return Outcome("completed", 0)
+
+    def _may_halve_micro_batch(self, first_step: bool) -> bool:
+        """Only the automatic micro-batch of a single process shrinks, and only while finding its size."""
+        return first_step and self.config.micro_batch_size is None and self.context.world_size == 1 \
+            and self.micro_batch > 1
+
+    def _halve_micro_batch(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.context.cuda_indices:
+            torch.cuda.empty_cache()
+        per_rank, failed = self.micro_batch * self.accumulation, self.micro_batch
+        self.micro_batch = max(size for size in range(1, failed) if per_rank % size == 0)
+        self.accumulation = per_rank // self.micro_batch
+        self._say(f"micro-batch {failed} ran out of memory; retrying the first step as {self.micro_batch} "
+                  f"sequences x {self.accumulation} accumulation steps")
 
     def _between_steps(self, monitor: Monitor, writer) -> None:
         """Periodic evaluation and checkpoints, paused out of the measured window."""
@@ -318,8 +351,9 @@ class Trainer:
         """Final validation and checkpoint of a completed run."""
         self.validation = evaluate(self.model, self.val_windows, self.config, self.micro_batch, self.context.device)
         self._log({"step": self.step, "val_loss": self.validation.mean_loss_nats}, None, None)
-        checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
-                        self.config.save_optimizer, self.context.is_main)
+        if self.config.final_checkpoint:
+            checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
+                            self.config.save_optimizer, self.context.is_main)
 
 
 def oom_details(context: distributed.ProcessContext) -> dict:
@@ -394,7 +428,10 @@ def _write_results(trainer: Trainer, config: TrainConfig, context, monitor: Moni
         "preset": config.preset, "context": config.seq_len, "steps": trainer.step,
         "global_batch": config.global_batch, "kernel_path": getattr(trainer, "kernel_path", None),
         "device_name": torch.cuda.get_device_name(context.device) if context.cuda_indices else "cpu",
-        "world_size": context.world_size,
+        "world_size": context.world_size, "micro_batch_size": getattr(trainer, "micro_batch", None),
+        "accumulation_steps": getattr(trainer, "accumulation", None),
+        "activation_checkpointing": config.activation_checkpointing, "compile": config.compile,
+        "attention": config.attention,
     }
     params = getattr(trainer, "params", None)
     if measurements is None or params is None:
