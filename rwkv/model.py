@@ -73,19 +73,21 @@ class TimeMix(nn.Module):
         # Token-shift mixing coefficients: early layers lean on the previous token more.
         mix = {name: 1.0 - position ** (p * ratio_1_to_almost0)
                for name, p in (("r", 0.2), ("w", 0.9), ("k", 0.7), ("v", 0.7), ("a", 0.9), ("g", 0.2))}
-        self.mix = nn.ParameterDict({name: nn.Parameter(value.view(1, 1, -1)) for name, value in mix.items()})
+        # Per-channel vectors are 1-D and broadcast over (B, T, C): with (1, 1, C) parameters, inductor's
+        # backward of a compiled block returned (C,) gradients (torch 2.11, H200).
+        self.mix = nn.ParameterDict({name: nn.Parameter(value) for name, value in mix.items()})
 
         linear = torch.arange(d_model) / (d_model - 1) - 0.5
         in_head = torch.arange(d_model) % HEAD_SIZE
         zigzag = (in_head - (HEAD_SIZE - 1) / 2) / ((HEAD_SIZE - 1) / 2)
         zigzag = zigzag * zigzag.abs()
         decay_speed = -6 + 6 * (torch.arange(d_model) / (d_model - 1)) ** (1 + ratio_0_to_1 ** 0.3)
-        self.w0 = nn.Parameter((decay_speed + 0.5 + zigzag * 2.5).view(1, 1, -1))
-        self.a0 = nn.Parameter((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, -1))
+        self.w0 = nn.Parameter(decay_speed + 0.5 + zigzag * 2.5)
+        self.a0 = nn.Parameter(-0.19 + zigzag * 0.3 + linear * 0.4)
         # Layer 0's values are the residual source itself: no value-residual gate there.
-        self.v0 = nn.Parameter((0.73 - linear * 0.4).view(1, 1, -1)) if layer > 0 else None
-        self.k_k = nn.Parameter((0.71 - linear * 0.1).view(1, 1, -1))
-        self.k_a = nn.Parameter(torch.full((1, 1, d_model), 1.02))
+        self.v0 = nn.Parameter(0.73 - linear * 0.4) if layer > 0 else None
+        self.k_k = nn.Parameter(0.71 - linear * 0.1)
+        self.k_a = nn.Parameter(torch.full((d_model,), 1.02))
         self.r_k = nn.Parameter(torch.full((self.heads, HEAD_SIZE), -0.04))
         tag_no_weight_decay(*self.mix.values(), self.w0, self.a0, self.k_k, self.k_a, self.r_k)
         if self.v0 is not None:
@@ -141,7 +143,7 @@ class ChannelMix(nn.Module):
     def __init__(self, d_model: int, layer: int, layers: int):
         super().__init__()
         position = torch.arange(d_model) / d_model
-        self.mix_k = nn.Parameter((1.0 - position ** ((1.0 - layer / layers) ** 4)).view(1, 1, -1))
+        self.mix_k = nn.Parameter(1.0 - position ** ((1.0 - layer / layers) ** 4))
         tag_no_weight_decay(self.mix_k)
         self.key = nn.Linear(d_model, 4 * d_model, bias=False)
         self.value = nn.Linear(4 * d_model, d_model, bias=False)

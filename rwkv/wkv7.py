@@ -37,6 +37,7 @@ def fla_available() -> bool:
     return fla_kernel_choice() is not None
 
 
+@torch.compiler.disable  # a Python loop over tokens: tracing it would unroll the sequence
 def wkv7_reference(r, w, k, v, a, b, initial_state=None):
     """Float32 recurrence, one token at a time, vectorized over batch and heads.
 

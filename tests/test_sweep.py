@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from training_harness.config import parse_config
 from training_harness.prepare_data import PrepareConfig, prepare
-from training_harness.sweep import generate
+from training_harness.sweep import GPU_PLAN, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("collector", ROOT / "scripts" / "collect_attention_free_results.py")
@@ -47,6 +48,21 @@ def test_driver_runs_records_failures_and_skips_completed(tmp_path, tokenizer_fi
     second = run_driver(experiment, "dsw", "cpu", "3", "mamba", "rwkv")
     lines = second.stdout.split("== summary")[1].strip().splitlines()[1:]
     assert lines == ["mamba_0.5B: skipped (already completed)", "rwkv_0.5B: failed (exit 2)"]
+
+
+def test_generated_paper_configs_carry_the_gpu_plan(tmp_path):
+    written = generate(["qwen", "pythia", "mamba", "rwkv"], ["0.5B", "1.5B", "3B"], "paper", 100, 8192, "data",
+                       tmp_path, {})
+    assert len(written) == 12
+    for path in written:
+        config = parse_config(["--config", str(path), "--output_dir", "o"], path.stem.split("_")[0], "")
+        assert config.compile and config.global_batch == {"0.5B": 8, "1.5B": 4, "3B": 2}[config.model_size]
+        micro, accumulation = config.batch_plan(world_size=1)  # the micro-batch divides the spec's batch
+        assert (micro, config.activation_checkpointing) == (
+            GPU_PLAN[config.model, config.model_size]["micro_batch_size"],
+            GPU_PLAN[config.model, config.model_size].get("activation_checkpointing", False))
+    tiny = json.loads(generate(["rwkv"], ["3B"], "tiny", 10, 64, "data", tmp_path / "tiny", {})[0].read_text())
+    assert not tiny["compile"] and not tiny["activation_checkpointing"] and "micro_batch_size" not in tiny
 
 
 @pytest.mark.parametrize("args, message", [

@@ -12,8 +12,24 @@ from training_harness.config import SPEC_GLOBAL_BATCH, TrainConfig
 from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, get_family
 from training_harness.tokenization import tokenizer_name
 
-#: Sizes whose weights, gradients and AdamW state leave too little of 80 GB for 8K activations.
-CHECKPOINTED_SIZES = {"3B"}
+#: How each family and size trains at 8K context on one 80 GB GPU (paper and matched shapes): the micro-batch,
+#: activation checkpointing where weights, gradients and AdamW state leave too little for activations, and
+#: the attention kernel where one measured faster. Chosen from peak memory and tokens/s measured with
+#: --compile (docs/performance.md); a GPU-side flag, so tiny CPU configs leave it out.
+GPU_PLAN: dict[tuple[str, str], dict] = {
+    ("qwen", "0.5B"): {"micro_batch_size": 2},
+    ("qwen", "1.5B"): {"micro_batch_size": 2},
+    ("qwen", "3B"): {"micro_batch_size": 2, "activation_checkpointing": True},
+    ("pythia", "0.5B"): {"micro_batch_size": 4, "attention": "cudnn"},
+    ("pythia", "1.5B"): {"micro_batch_size": 2},
+    ("pythia", "3B"): {"micro_batch_size": 1},
+    ("mamba", "0.5B"): {"micro_batch_size": 8},
+    ("mamba", "1.5B"): {"micro_batch_size": 4},
+    ("mamba", "3B"): {"micro_batch_size": 1},
+    ("rwkv", "0.5B"): {"micro_batch_size": 2},
+    ("rwkv", "1.5B"): {"micro_batch_size": 1, "activation_checkpointing": True},
+    ("rwkv", "3B"): {"micro_batch_size": 1, "activation_checkpointing": True},
+}
 
 
 def config_name(model: str, size: str) -> str:
@@ -21,20 +37,22 @@ def config_name(model: str, size: str) -> str:
 
 
 def generate(models: list[str], sizes: list[str], preset: str, max_steps: int, seq_len: int, data_root: str,
-             output_dir: Path, tokenizers: dict[str, str], micro_batch_size: int) -> list[Path]:
-    """One JSON per model x size; each names the data folder prepared with its family's tokenizer."""
+             output_dir: Path, tokenizers: dict[str, str], micro_batch_size: int | None = None) -> list[Path]:
+    """One JSON per model x size; each names the data folder prepared with its family's tokenizer. Real
+    shapes take the GPU plan (compiled); ``micro_batch_size`` overrides its micro-batch."""
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for model in models:
         family = get_family(model)
         tokenizer = tokenizers.get(model) or family.default_tokenizer
         for size in sizes:
+            plan = {**GPU_PLAN[model, size], "compile": True} if preset != "tiny" else {}
+            if micro_batch_size:
+                plan["micro_batch_size"] = min(micro_batch_size, SPEC_GLOBAL_BATCH[size])
             config = TrainConfig(
                 model=model, model_size=size, preset=preset, max_steps=max_steps, seq_len=seq_len,
                 data_path=str(Path(data_root) / tokenizer_name(tokenizer)), tokenizer=tokenizer,
-                batch_size=SPEC_GLOBAL_BATCH[size],
-                micro_batch_size=min(micro_batch_size, SPEC_GLOBAL_BATCH[size]),
-                activation_checkpointing=size in CHECKPOINTED_SIZES)
+                batch_size=SPEC_GLOBAL_BATCH[size], **plan)
             # output_dir and device belong to the driver's call, not the config.
             values = {key: value for key, value in config.to_dict().items() if value not in (None, "")}
             path = output_dir / f"{config_name(model, size)}.json"
@@ -79,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     gen.add_argument("--max_steps", type=int, default=10_000)
     gen.add_argument("--seq_len", type=int, default=8192)
-    gen.add_argument("--micro_batch_size", type=int, default=1)
+    gen.add_argument("--micro_batch_size", type=int, default=None,
+                     help="instead of the GPU plan's (tiny shapes: the whole batch)")
     gen.add_argument("--data_root", default="experiments/data", help="folder of prepared data, one per tokenizer")
     gen.add_argument("--output_dir", default="experiments/attention_free_benchmark/configs")
     gen.add_argument("--qwen_tokenizer", default=None, help="default: Qwen/Qwen2.5-0.5B")
