@@ -112,7 +112,8 @@ class TimeMix(nn.Module):
         with torch.no_grad():
             self.ln_x.weight.fill_(((1 + layer) / layers) ** 0.7)
 
-    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None):
+    def prepare(self, x: torch.Tensor, v_first: torch.Tensor | None):
+        """Everything before the recurrence: (r, w, k, v, a, b) for ``wkv``, the output gate and v_first."""
         batch, length, channels = x.shape
         heads = (batch, length, self.heads, HEAD_SIZE)
         delta = time_shift(x) - x
@@ -131,12 +132,24 @@ class TimeMix(nn.Module):
         r, k, v, iclr = (t.view(heads) for t in (r, k, v, iclr))
         inputs = (r, log_w.view(heads), k, v, -kk, kk * iclr)
         if self.fused:  # the kernel wants one dtype; fp32 parameters have promoted some of these
-            out = wkv7_fla(*(t.to(r.dtype) for t in inputs))
-        else:
-            out, _ = wkv7_reference(*inputs)
-        out = self.ln_x(out.reshape(batch * length, channels).to(x.dtype)).view(batch, length, channels)
+            inputs = tuple(t.to(r.dtype) for t in inputs)
+        return inputs, gate, v_first
+
+    def wkv(self, r, w, k, v, a, b) -> torch.Tensor:
+        """The recurrence: fla's kernel, or the reference. (B, T, H, N) in and out."""
+        return wkv7_fla(r, w, k, v, a, b) if self.fused else wkv7_reference(r, w, k, v, a, b)[0]
+
+    def readout(self, out: torch.Tensor, inputs: tuple, gate: torch.Tensor) -> torch.Tensor:
+        """Per-head normalization, the r.k bonus, the gate and the output projection. out: (B, T, H, N)."""
+        r, _, k, v, _, _ = inputs
+        batch, length, channels = gate.shape
+        out = self.ln_x(out.reshape(batch * length, channels).to(gate.dtype)).view(batch, length, channels)
         bonus = ((r * k * self.r_k).sum(-1, keepdim=True) * v).view(batch, length, channels)
-        return self.output((out + bonus) * gate), v_first
+        return self.output((out + bonus) * gate)
+
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None):
+        inputs, gate, v_first = self.prepare(x, v_first)
+        return self.readout(self.wkv(*inputs), inputs, gate), v_first
 
 
 class ChannelMix(nn.Module):
@@ -166,11 +179,23 @@ class RWKV7Block(nn.Module):
         self.ffn = ChannelMix(d_model, layer, layers)
 
     def forward(self, x: torch.Tensor, v_first: torch.Tensor | None):
+        x, inputs, gate, v_first = self.before_wkv(x, v_first)
+        return self.after_wkv(x, self.att.wkv(*inputs), inputs, gate), v_first
+
+    def before_wkv(self, x: torch.Tensor, v_first: torch.Tensor | None):
         if self.ln0 is not None:
             x = self.ln0(x)
-        attended, v_first = self.att(self.ln1(x), v_first)
-        x = x + attended
-        return x + self.ffn(self.ln2(x)), v_first
+        return x, *self.att.prepare(self.ln1(x), v_first)
+
+    def after_wkv(self, x: torch.Tensor, out: torch.Tensor, inputs: tuple, gate: torch.Tensor) -> torch.Tensor:
+        x = x + self.att.readout(out, inputs, gate)
+        return x + self.ffn(self.ln2(x))
+
+    def compile_regions(self, **kwargs) -> None:
+        """Two whole graphs around the recurrence, which runs eagerly: compiling the block instead leaves
+        dynamo to split it at the kernel call, and most of the block then ran eagerly (profiled, H200)."""
+        self.before_wkv = torch.compile(self.before_wkv, fullgraph=True, **kwargs)
+        self.after_wkv = torch.compile(self.after_wkv, fullgraph=True, **kwargs)
 
 
 class RWKV7Backbone(nn.Module):

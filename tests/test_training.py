@@ -205,6 +205,20 @@ def test_compiled_blocks_and_loss_follow_the_eager_loss_curve(data_dir, tmp_path
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
 
 
+def test_compiled_rwkv_regions_run_cold_and_from_a_warm_compile_cache(data_dir, tmp_path):
+    """RWKV-7 compiles two graphs around its recurrence; their per-head view outputs once came back from
+    a warm compile cache with garbage shapes."""
+    script = ROOT / "rwkv" / "train_rwkv_fineweb.py"
+    common = ["--data_path", data_dir, *TINY, "--max_steps", "3"]
+    assert main("rwkv", [*common, "--output_dir", str(tmp_path / "eager")]) == 0
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    for cache in ("cold", "warm"):
+        result = subprocess.run([sys.executable, str(script), *common, "--output_dir", str(tmp_path / cache),
+                                 "--compile"], capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert losses(tmp_path / cache) == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
 def test_two_process_fsdp2_run_completes(data_dir, tmp_path):
     output = tmp_path / "fsdp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

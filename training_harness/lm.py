@@ -140,9 +140,17 @@ class CausalLM(nn.Module):
 
     def compile_regions(self, **kwargs) -> None:
         """Regional compilation: each block (compiled once, reused by its identical siblings) and the
-        loss's softmax; kernels that dynamo cannot trace stay eager behind ``torch.compiler.disable``."""
+        loss's softmax. A block with its own ``compile_regions`` chooses its regions (around a kernel that
+        dynamo cannot trace); elsewhere such kernels stay eager behind ``torch.compiler.disable``."""
+        # Outputs of a compiled region that are views of its intermediates (RWKV-7's per-head views) are
+        # rebuilt by replaying the recorded views; loaded from a warm compile cache, that replay produced
+        # garbage shapes (torch 2.13). as_strided rebuilds them from sizes and strides instead.
+        torch._functorch.config.view_replay_for_aliased_outputs = False
         for block in self.blocks:
-            block.compile(**kwargs)
+            if hasattr(block, "compile_regions"):
+                block.compile_regions(**kwargs)
+            else:
+                block.compile(**kwargs)
         self.loss_and_grad = torch.compile(softmax_cross_entropy_grad, **kwargs)
 
 
