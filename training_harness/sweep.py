@@ -22,12 +22,12 @@ GPU_PLAN: dict[tuple[str, str], dict] = {
     ("qwen", "3B"): {"micro_batch_size": 2, "activation_checkpointing": True},
     ("pythia", "0.5B"): {"micro_batch_size": 4, "attention": "cudnn"},
     ("pythia", "1.5B"): {"micro_batch_size": 2},
-    ("pythia", "3B"): {"micro_batch_size": 1},
+    ("pythia", "3B"): {"micro_batch_size": 2, "activation_checkpointing": True},
     ("mamba", "0.5B"): {"micro_batch_size": 8},
     ("mamba", "1.5B"): {"micro_batch_size": 4},
     ("mamba", "3B"): {"micro_batch_size": 1},
-    ("rwkv", "0.5B"): {"micro_batch_size": 2},
-    ("rwkv", "1.5B"): {"micro_batch_size": 1, "activation_checkpointing": True},
+    ("rwkv", "0.5B"): {"micro_batch_size": 4},
+    ("rwkv", "1.5B"): {"micro_batch_size": 4, "activation_checkpointing": True},
     ("rwkv", "3B"): {"micro_batch_size": 1, "activation_checkpointing": True},
 }
 
