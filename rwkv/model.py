@@ -62,6 +62,9 @@ class LowRank(nn.Module):
 
 
 class TimeMix(nn.Module):
+    """The x070 time mix, in three steps that ``RWKV7Block`` drives: ``prepare``, ``wkv`` (the recurrence) and
+    ``readout``, so that the code on each side of the kernel compiles as one graph."""
+
     def __init__(self, d_model: int, layer: int, layers: int, fused: bool):
         super().__init__()
         self.heads = d_model // HEAD_SIZE
@@ -146,10 +149,6 @@ class TimeMix(nn.Module):
         out = self.ln_x(out.reshape(batch * length, channels).to(gate.dtype)).view(batch, length, channels)
         bonus = ((r * k * self.r_k).sum(-1, keepdim=True) * v).view(batch, length, channels)
         return self.output((out + bonus) * gate)
-
-    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None):
-        inputs, gate, v_first = self.prepare(x, v_first)
-        return self.readout(self.wkv(*inputs), inputs, gate), v_first
 
 
 class ChannelMix(nn.Module):

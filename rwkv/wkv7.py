@@ -57,7 +57,7 @@ def wkv7_reference(r, w, k, v, a, b, initial_state=None):
     return torch.stack(outputs, dim=1), state
 
 
-@torch.compiler.disable  # Triton kernels behind an autograd.Function: run eagerly inside compiled blocks
+@torch.compiler.disable  # Triton kernels behind an autograd.Function: dynamo must not trace into them
 def wkv7_fla(r, w, k, v, a, b):
     """The chunked Triton kernel; same arguments and result as ``wkv7_reference`` (without the state)."""
     fla_kernel_choice()  # the first import of fla pins its kernel configurations
