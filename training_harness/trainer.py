@@ -276,7 +276,9 @@ class Trainer:
             except torch.cuda.OutOfMemoryError:
                 if not self._may_halve_micro_batch(first_step):
                     raise
-                self._halve_micro_batch()  # outside the except block, which holds the failed step's tensors
+                loss_sum = None
+            if loss_sum is None:  # out here, the failed step's tensors are released before the cache is emptied
+                self._halve_micro_batch()
                 continue
             first_step = False
             monitor.iteration_done(tokens_per_step)
