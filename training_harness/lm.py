@@ -18,8 +18,8 @@ def softmax_cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor) -> tu
     """Summed cross-entropy of (N, V) logits and its gradient with respect to them, in float32 arithmetic
     at least.
 
-    Returns (loss sum, d loss / d logits in the logits' dtype). Compiled, this is two passes over the
-    logits; eager, about ten.
+    Returns (loss sum, d loss / d logits in the logits' dtype). Eager, each line is a pass over the
+    (N, V) logits; compiled (``CausalLM.compile_regions``), inductor fuses them.
     """
     logits32 = logits.to(_math_dtype(logits.dtype))
     log_normalizer = torch.logsumexp(logits32, dim=-1, keepdim=True)  # (N, 1)
