@@ -14,6 +14,7 @@ import gc
 import importlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).with_name("kernel_configs")
@@ -73,14 +74,26 @@ def import_fla_with_pinned_configs(module: str = "fla.ops.rwkv7") -> str:
     return f"pinned ({path.name})"
 
 
-def dump(path: Path) -> int:
-    """Write the configurations every fla autotuner chose in this process; returns the kernel count."""
+def _is_autotuner(obj, autotuner_type: type) -> bool:
+    """isinstance() for any object gc holds: a dead weak proxy raises, a deprecated module attribute warns."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return isinstance(obj, autotuner_type)
+        except ReferenceError:
+            return False
+
+
+def dump(path: Path, extend: Path | None = None) -> int:
+    """Write the configurations every fla autotuner chose in this process; returns the kernel count.
+    ``extend`` names a table whose entries are kept for kernels not tuned here (a pinned kernel runs its one
+    configuration without tuning, so it leaves nothing to record)."""
     import torch
     import triton
     from triton.runtime.autotuner import Autotuner
 
-    kernels: dict[str, list[dict]] = {}
-    for tuner in (obj for obj in gc.get_objects() if isinstance(obj, Autotuner)):
+    kernels: dict[str, list[dict]] = json.loads(extend.read_text())["kernels"] if extend else {}
+    for tuner in (obj for obj in gc.get_objects() if _is_autotuner(obj, Autotuner)):
         kernel = _kernel_id(tuner.base_fn)
         if not kernel.startswith("fla.") or not tuner.cache:
             continue

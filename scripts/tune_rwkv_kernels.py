@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Autotune fla's RWKV-7 kernels at every size's training shapes and pin the choices (needs a GPU).
+"""Autotune fla's RWKV-7 kernels at the training shapes and pin the choices (needs a GPU).
 
     python scripts/tune_rwkv_kernels.py [--output rwkv/kernel_configs/fla_sm90.json] [--micro_batch_size 1]
+    python scripts/tune_rwkv_kernels.py --stock_model
 
-Run it once per GPU architecture; training then starts without autotuning (rwkv/kernel_configs.py).
+The first form tunes the chunked recurrence the harness calls; the second adds the kernels of fla's own
+RWKV7ForCausalLM (token shift, norms, gates: the naive reference of scripts/benchmark_naive_reference.py),
+running it with the recurrence already pinned. Run both once per GPU architecture; training then starts
+without autotuning (rwkv/kernel_configs.py).
 """
 
 from __future__ import annotations
@@ -19,8 +23,38 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rwkv.kernel_configs import config_file, dump  # noqa: E402
+from rwkv.kernel_configs import config_file, dump, import_fla_with_pinned_configs  # noqa: E402
 from rwkv.model import HEAD_SIZE, SHAPES  # noqa: E402
+
+
+def tune_recurrence(sizes: list[str], micro_batch_size: int, seq_len: int) -> None:
+    import fla.ops.rwkv7  # noqa: F401  - a plain import: full autotuning, no pinned table
+
+    from rwkv.wkv7 import wkv7_fla
+    for size in sizes:
+        shape = SHAPES["paper"][size]
+        heads = shape["d_model"] // HEAD_SIZE
+        dims = (micro_batch_size, seq_len, heads, HEAD_SIZE)
+        r, k, v = (torch.randn(dims, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        w = (-math.exp(-0.5) * torch.rand(dims, device="cuda")).to(torch.bfloat16)
+        kk = F.normalize(torch.randn(dims, device="cuda"), dim=-1).to(torch.bfloat16)
+        inputs = [t.requires_grad_() for t in (r, w, k, v, -kk.detach(), (kk * 0.5).detach())]
+        started = time.perf_counter()
+        wkv7_fla(*inputs).float().sum().backward()
+        torch.cuda.synchronize()
+        print(f"{size}: {heads} heads, tuned forward+backward in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def tune_stock_model(micro_batch_size: int, seq_len: int) -> None:
+    print(f"fla kernels: {import_fla_with_pinned_configs('fla.models')}", flush=True)
+    from benchmark_naive_reference import VOCAB, build  # this folder's naive reference
+
+    model = build("rwkv").to(device="cuda", dtype=torch.bfloat16)
+    tokens = torch.randint(0, VOCAB["rwkv"], (micro_batch_size, seq_len), device="cuda")
+    started = time.perf_counter()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    torch.cuda.synchronize()
+    print(f"fla RWKV7ForCausalLM: tuned forward+backward in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def main() -> int:
@@ -30,24 +64,17 @@ def main() -> int:
     parser.add_argument("--seq_len", type=int, default=8192)
     parser.add_argument("--sizes", default="0.5B",
                         help="shapes to tune at; one is enough, since the table pins configurations per kernel")
+    parser.add_argument("--stock_model", action="store_true",
+                        help="tune fla's RWKV7ForCausalLM (0.5B) and add its kernels to the table")
     args = parser.parse_args()
-    import fla.ops.rwkv7  # noqa: F401  - a plain import: full autotuning, no pinned table
-
-    from rwkv.wkv7 import wkv7_fla
-    for size in args.sizes.split(","):
-        shape = SHAPES["paper"][size]
-        heads = shape["d_model"] // HEAD_SIZE
-        dims = (args.micro_batch_size, args.seq_len, heads, HEAD_SIZE)
-        r, k, v = (torch.randn(dims, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        w = (-math.exp(-0.5) * torch.rand(dims, device="cuda")).to(torch.bfloat16)
-        kk = F.normalize(torch.randn(dims, device="cuda"), dim=-1).to(torch.bfloat16)
-        inputs = [t.requires_grad_() for t in (r, w, k, v, -kk.detach(), (kk * 0.5).detach())]
-        started = time.perf_counter()
-        wkv7_fla(*inputs).float().sum().backward()
-        torch.cuda.synchronize()
-        print(f"{size}: {heads} heads, tuned forward+backward in {time.perf_counter() - started:.1f} s", flush=True)
-    path = args.output or config_file(torch.cuda.get_device_capability())
-    print(f"pinned {dump(path)} kernels -> {path}")
+    pinned = config_file(torch.cuda.get_device_capability())
+    path = args.output or pinned
+    if args.stock_model:
+        tune_stock_model(args.micro_batch_size, args.seq_len)
+    else:
+        tune_recurrence(args.sizes.split(","), args.micro_batch_size, args.seq_len)
+    extend = pinned if args.stock_model and pinned.exists() else None
+    print(f"pinned {dump(path, extend)} kernels -> {path}")
     return 0
 
 

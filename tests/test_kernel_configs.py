@@ -1,0 +1,86 @@
+"""Pinned fla kernel configurations: narrowing at import and dumping the choices, against a stand-in triton
+(the CPU build of torch has none); the real kernels run in the GPU tests."""
+
+import json
+import sys
+import types
+import weakref
+
+import pytest
+
+from rwkv import kernel_configs
+
+
+class Config:
+    def __init__(self, kwargs, num_warps=4, num_stages=2, num_ctas=1, maxnreg=None):
+        self.kwargs, self.num_warps, self.num_stages = kwargs, num_warps, num_stages
+        self.num_ctas, self.maxnreg = num_ctas, maxnreg
+
+
+class Autotuner:
+    """What dump() reads of triton's autotuner: the wrapped function and the configuration chosen per key."""
+
+    def __init__(self, fn, configs):
+        self.base_fn, self.configs, self.cache = fn, configs, {}
+
+    def tune(self, key, index: int = 0):
+        self.cache[key] = self.configs[index]
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    triton = types.ModuleType("triton")
+    triton.__version__ = "fake"
+    triton.Config = Config
+    triton.autotune = lambda configs, key, **kwargs: (lambda fn: Autotuner(fn, configs))
+    autotuner = types.ModuleType("triton.runtime.autotuner")
+    autotuner.Autotuner = Autotuner
+    monkeypatch.setitem(sys.modules, "triton", triton)
+    monkeypatch.setitem(sys.modules, "triton.runtime", types.ModuleType("triton.runtime"))
+    monkeypatch.setitem(sys.modules, "triton.runtime.autotuner", autotuner)
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda: "fake GPU")
+    monkeypatch.setattr("torch.cuda.get_device_capability", lambda: (9, 0))
+    return triton
+
+
+def kernel(name: str):
+    def fn():
+        pass
+    fn.__module__, fn.__qualname__ = "fla.ops.fake", name
+    return fn
+
+
+def decorated(triton, name: str, sizes=(16, 32, 64)):
+    return triton.autotune([Config({"BT": size}) for size in sizes], key=["T"])(kernel(name))
+
+
+def entry(size: int) -> dict:
+    return {"kwargs": {"BT": size}, "num_warps": 4, "num_stages": 2, "num_ctas": 1, "maxnreg": None}
+
+
+def test_pinned_kernel_sees_only_its_configurations(fake_triton):
+    with kernel_configs._pinned_autotune({"fla.ops.fake.chunk_fwd": [entry(32)]}):
+        pinned = decorated(fake_triton, "chunk_fwd")
+        free = decorated(fake_triton, "token_shift")
+    assert [c.kwargs for c in pinned.configs] == [{"BT": 32}]
+    assert [c.kwargs for c in free.configs] == [{"BT": 16}, {"BT": 32}, {"BT": 64}]
+    assert [c.kwargs["BT"] for c in decorated(fake_triton, "chunk_fwd").configs] == [16, 32, 64]  # restored
+
+
+def test_dump_records_chosen_configurations_and_extends_a_table(fake_triton, tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"kernels": {"fla.ops.fake.chunk_fwd": [entry(32)],
+                                            "fla.ops.fake.token_shift": [entry(16)]}}))
+    shift = decorated(fake_triton, "token_shift")
+    shift.tune(key=(8192,), index=2)
+    shift.tune(key=(4096,), index=2)  # the same choice at two keys is recorded once
+    never_ran = decorated(fake_triton, "group_norm")
+    dead_proxy = weakref.proxy(Config({}))  # gc lists it; isinstance() on it raises ReferenceError
+    out = tmp_path / "table.json"
+    assert kernel_configs.dump(out, extend=base) == 2
+    table = json.loads(out.read_text())
+    assert table["capability"] == [9, 0]
+    assert table["kernels"] == {"fla.ops.fake.chunk_fwd": [entry(32)], "fla.ops.fake.token_shift": [entry(64)]}
+    assert not never_ran.cache  # alive during dump(), but nothing chosen, so nothing written
+    assert dead_proxy is not None
+    assert kernel_configs.dump(out) == 1  # without a base, only what was tuned here
