@@ -6,7 +6,8 @@
 
 Each family x size x variant runs the real training script in a fresh process (so the first step is
 cold: compilation and autotuning included) at the spec's global batch; a variant is a name and the
-training flags it adds (default: one variant, "default", with none). --naive times each family's stock
+training flags it adds (default: one variant, "plan", the sweep's plan for that family and size:
+training_harness/sweep.py's GPU_PLAN, compiled). --naive times each family's stock
 implementation once, after its first variant. Prints one table and writes the rows as JSON (default
 docs/benchmarks/training_step_<gpu>.json).
 """
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training_harness.registry import FAMILY_MODULES, SIZES, get_family  # noqa: E402
+from training_harness.sweep import plan_flags  # noqa: E402
 from training_harness.tokenization import tokenizer_name  # noqa: E402
 
 COLUMNS = ("family", "size", "variant", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter",
@@ -94,13 +96,14 @@ def main() -> int:
                         help="also time each family's stock implementation (0.5B shapes) for the speed-up")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant] or [("default", "")]
+    variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant] or [("plan", None)]
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for size in [s for s in args.sizes.split(",") if s in SIZES]:
             for family in args.families.split(","):
                 naive = None
                 for name, flags in variants:
+                    flags = " ".join(plan_flags(family, size)) if flags is None else flags
                     rows.append(run_one(family, size, name, flags, args, Path(work)))
                     if args.naive and size == "0.5B" and args.preset == "paper":
                         naive = naive or naive_reference(family, args.steps)

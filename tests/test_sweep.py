@@ -11,7 +11,7 @@ import pytest
 
 from training_harness.config import parse_config
 from training_harness.prepare_data import PrepareConfig, prepare
-from training_harness.sweep import GPU_PLAN, generate
+from training_harness.sweep import GPU_PLAN, generate, plan_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("collector", ROOT / "scripts" / "collect_attention_free_results.py")
@@ -61,6 +61,10 @@ def test_generated_paper_configs_carry_the_gpu_plan(tmp_path):
         assert (micro, config.activation_checkpointing) == (
             GPU_PLAN[config.model, config.model_size]["micro_batch_size"],
             GPU_PLAN[config.model, config.model_size].get("activation_checkpointing", False))
+        flags = parse_config(["--model_size", config.model_size, "--data_path", "data", "--output_dir", "o",
+                              *plan_flags(config.model, config.model_size)], config.model, "")
+        planned = ("micro_batch_size", "activation_checkpointing", "compile", "attention")
+        assert [getattr(flags, key) for key in planned] == [getattr(config, key) for key in planned]
     tiny = json.loads(generate(["rwkv"], ["3B"], "tiny", 10, 64, "data", tmp_path / "tiny", {})[0].read_text())
     assert not tiny["compile"] and not tiny["activation_checkpointing"] and "micro_batch_size" not in tiny
 

@@ -32,6 +32,17 @@ GPU_PLAN: dict[tuple[str, str], dict] = {
 }
 
 
+def plan_flags(model: str, size: str) -> list[str]:
+    """The GPU plan for one model and size as training flags (what the benchmark scripts pass)."""
+    plan = GPU_PLAN[model, size]
+    flags = ["--micro_batch_size", str(plan["micro_batch_size"]), "--compile"]
+    if plan.get("activation_checkpointing"):
+        flags.append("--activation_checkpointing")
+    if "attention" in plan:
+        flags += ["--attention", plan["attention"]]
+    return flags
+
+
 def config_name(model: str, size: str) -> str:
     return f"{model}_{size}"
 
