@@ -49,7 +49,8 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
     try:
         metrics = json.loads((output / "efficientllm_metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return {**row, "status": f"failed (exit {result.returncode}): {result.stderr.strip()[-300:]}"}
+        # A crash's cause (a fault handler's stacks) sits above its last lines: keep the whole tail.
+        return {**row, "status": f"failed (exit {result.returncode})", "stderr": result.stderr[-20_000:]}
     if metrics.get("params") is None:
         return {**row, "status": f"{metrics['status']}: {metrics.get('error')} {result.stderr.strip()[-500:]}"}
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()] \
