@@ -47,6 +47,10 @@ def test_script_runs_ten_steps_and_writes_every_output(family, data_dir, tmp_pat
                              "--output_dir", str(output), "--max_steps", "10", *TINY],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()  # not a terminal: plain progress lines instead of a bar
+    assert [line.split(":")[0] for line in lines if "/10: loss" in line] == [
+        f"[{family} 0.5B] step {step}/10" for step in range(1, 11)]
+    assert lines[-1] == f"completed: results in {output / 'efficientllm_metrics.json'}"
     results = read_results(output)
     assert results["status"] == "completed" and results["steps"] == 10 and results["model"] == family
     assert results["tokens"] == (10 - 3) * 2 * 32  # warm-up: 3 iterations

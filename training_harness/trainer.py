@@ -259,9 +259,11 @@ class Trainer:
     def run(self, monitor: Monitor, stop: StopRequest, writer: SummaryWriter | None) -> Outcome:
         config = self.config
         tokens_per_step = self.micro_batch * self.accumulation * config.seq_len
-        # Rank 0 only; disable=None hides the bar when stderr is not a terminal (logs of the sweep).
+        # Rank 0 only; disable=None hides the bar when stderr is not a terminal (logs of the sweep), which
+        # then get a plain line at the first step (the cold start) and every tenth of the run.
         progress = tqdm(total=config.max_steps, initial=self.step, disable=None if self.context.is_main else True,
                         desc=f"{self.family.name} {config.model_size}", unit="step")
+        log_every = max(1, config.max_steps // 10)
         monitor.start()
         first_step = True
         last_boundary = time.perf_counter()
@@ -294,6 +296,9 @@ class Trainer:
             self._log(record, writer, monitor)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            if progress.disable and (self.step % log_every == 0 or self.step == 1):
+                self._say(f"step {self.step}/{config.max_steps}: loss {loss:.3f}, {record['step_s']:.2f} s, "
+                          f"{record['tokens_per_s']:,.0f} tokens/s")
             self._between_steps(monitor, writer)
             last_boundary = time.perf_counter()
         progress.close()
@@ -410,6 +415,8 @@ def train(config: TrainConfig) -> int:
     distributed.teardown()
     if outcome.error:
         print(f"{outcome.status}: {outcome.error}", file=sys.stderr)
+    elif context.is_main:
+        print(f"{outcome.status}: results in {output / RESULTS_FILE}", file=sys.stderr)
     return outcome.exit_code
 
 
