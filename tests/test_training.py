@@ -223,6 +223,20 @@ def test_compiled_rwkv_regions_run_cold_and_from_a_warm_compile_cache(data_dir, 
         assert losses(tmp_path / cache) == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
 
 
+def test_compiled_run_never_pickles_into_the_autograd_cache(data_dir, tmp_path, monkeypatch):
+    """Saving a compiled backward to AOTAutograd's cache intermittently died with SIGSEGV inside pickle.dumps
+    on a first (empty-cache) run; the harness turns that cache off, so nothing may be saved to it."""
+    from torch._functorch._aot_autograd.autograd_cache import AOTAutogradCache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))  # empty: a save would follow
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)  # torch's default, restored after
+    saved = []
+    monkeypatch.setattr(AOTAutogradCache, "save", staticmethod(lambda key, *args, **kwargs: saved.append(key)))
+    assert main("rwkv", ["--data_path", data_dir, *TINY, "--max_steps", "1", "--output_dir", str(tmp_path / "run"),
+                         "--compile"]) == 0
+    assert saved == []
+
+
 def test_two_process_fsdp2_run_completes(data_dir, tmp_path):
     output = tmp_path / "fsdp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
