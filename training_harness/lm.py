@@ -146,9 +146,10 @@ class CausalLM(nn.Module):
         # rebuilt by replaying the recorded views; loaded from a warm compile cache, that replay produced
         # garbage shapes (torch 2.13). as_strided rebuilds them from sizes and strides instead.
         torch._functorch.config.view_replay_for_aliased_outputs = False
-        # Saving a compiled backward to AOTAutograd's cache (first run, empty cache) intermittently crashed the
-        # process with SIGSEGV inside pickle.dumps (torch 2.11 on GPU, 2.13 on CPU; RWKV-7's regions). Without
-        # that cache each run traces again; the compiled kernels still come from inductor's own cache.
+        # Saving a compiled backward to AOTAutograd's cache (a first run, empty cache) intermittently crashed
+        # the process with SIGSEGV inside pickle.dumps (seen on CPU with torch 2.13 in RWKV-7's regions; cold
+        # GPU runs died alike). Without that cache each run traces again; the compiled kernels still come
+        # from inductor's own cache.
         torch._functorch.config.enable_autograd_cache = False
         for block in self.blocks:
             if hasattr(block, "compile_regions"):
