@@ -75,13 +75,11 @@ def import_fla_with_pinned_configs(module: str = "fla.ops.rwkv7") -> str:
 
 
 def _is_autotuner(obj, autotuner_type: type) -> bool:
-    """isinstance() for any object gc holds: a dead weak proxy raises, a deprecated module attribute warns."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
-            return isinstance(obj, autotuner_type)
-        except ReferenceError:
-            return False
+    """isinstance() for any object gc holds, where a dead weak proxy raises."""
+    try:
+        return isinstance(obj, autotuner_type)
+    except ReferenceError:
+        return False
 
 
 def dump(path: Path, extend: Path | None = None) -> int:
@@ -93,7 +91,10 @@ def dump(path: Path, extend: Path | None = None) -> int:
     from triton.runtime.autotuner import Autotuner
 
     kernels: dict[str, list[dict]] = json.loads(extend.read_text())["kernels"] if extend else {}
-    for tuner in (obj for obj in gc.get_objects() if _is_autotuner(obj, Autotuner)):
+    with warnings.catch_warnings():  # isinstance() touches deprecated module attributes among gc's objects
+        warnings.simplefilter("ignore", FutureWarning)
+        tuners = [obj for obj in gc.get_objects() if _is_autotuner(obj, Autotuner)]
+    for tuner in tuners:
         kernel = _kernel_id(tuner.base_fn)
         if not kernel.startswith("fla.") or not tuner.cache:
             continue
