@@ -3,9 +3,12 @@
 shapes, bf16 weights, fused AdamW, eager, one 8192-token sequence per step, the library's own loss.
 
     python scripts/benchmark_naive_reference.py --family qwen [--steps 10] [--seq_len 8192] [--device cuda]
+        [--profile_steps 3]
 
 Stock implementations: transformers' Qwen2ForCausalLM and GPTNeoXForCausalLM, mamba-ssm's
 MambaLMHeadModel (Mamba-1), flash-linear-attention's RWKV7ForCausalLM. Prints one JSON line.
+``--profile_steps`` adds the GPU's kernel time per step (torch.profiler, after the timed steps): far below
+the wall time per step means the host, not the GPU, sets the speed.
 """
 
 from __future__ import annotations
@@ -66,32 +69,54 @@ def loss_of(family: str, model, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens, labels=tokens).loss  # the library shifts the labels by one
 
 
+def gpu_kernel_time(step, steps: int) -> tuple[float, int]:
+    """Seconds of CUDA kernel time per step and kernels per step over ``steps`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / steps / 1e6, round(len(kernels) / steps)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(VOCAB))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seq_len", type=int, default=8192)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--profile_steps", type=int, default=0, help="steps to profile after the timed ones (CUDA)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.profile_steps and device.type != "cuda":
+        parser.error("--profile_steps measures CUDA kernel time; it needs --device cuda")
     torch.manual_seed(0)
     model = build(args.family).to(device=device, dtype=torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     tokens = torch.randint(0, VOCAB[args.family], (1, args.seq_len), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(args.steps):
-        started = time.perf_counter()
+
+    def step() -> None:
         loss_of(args.family, model, tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        step()
         sync()
         times.append(time.perf_counter() - started)
     step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
     row = {"family": args.family, "variant": "naive", "params_m": round(sum(p.numel() for p in model.parameters())
                                                                           / 1e6, 1),
            "tokens_per_s": args.seq_len / step_s, "s_per_step": step_s, "first_step_s": times[0],
+           "step_s": [round(t, 4) for t in times],
            "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+    if args.profile_steps:
+        row["gpu_kernel_s_per_step"], row["kernels_per_step"] = gpu_kernel_time(step, args.profile_steps)
     print(json.dumps(row))
     return 0
 
