@@ -18,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ def loss_of(family: str, model, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens, labels=tokens).loss  # the library shifts the labels by one
 
 
-def gpu_kernel_time(step, steps: int) -> tuple[float, int]:
+def gpu_kernel_time(step: Callable[[], None], steps: int) -> tuple[float, int]:
     """Seconds of CUDA kernel time per step and kernels per step over ``steps`` profiled steps."""
     from torch.profiler import ProfilerActivity, profile
 
