@@ -32,14 +32,16 @@ GPU_PLAN: dict[tuple[str, str], dict] = {
 }
 
 
+def gpu_plan(model: str, size: str) -> dict:
+    """The training settings of the GPU plan for one model and size (always compiled)."""
+    return {**GPU_PLAN[model, size], "compile": True}
+
+
 def plan_flags(model: str, size: str) -> list[str]:
     """The GPU plan for one model and size as training flags (what the benchmark scripts pass)."""
-    plan = GPU_PLAN[model, size]
-    flags = ["--micro_batch_size", str(plan["micro_batch_size"]), "--compile"]
-    if plan.get("activation_checkpointing"):
-        flags.append("--activation_checkpointing")
-    if "attention" in plan:
-        flags += ["--attention", plan["attention"]]
+    flags = []
+    for key, value in gpu_plan(model, size).items():
+        flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     return flags
 
 
@@ -57,7 +59,7 @@ def generate(models: list[str], sizes: list[str], preset: str, max_steps: int, s
         family = get_family(model)
         tokenizer = tokenizers.get(model) or family.default_tokenizer
         for size in sizes:
-            plan = {**GPU_PLAN[model, size], "compile": True} if preset != "tiny" else {}
+            plan = gpu_plan(model, size) if preset != "tiny" else {}
             if micro_batch_size:
                 plan["micro_batch_size"] = min(micro_batch_size, SPEC_GLOBAL_BATCH[size])
             config = TrainConfig(
