@@ -47,12 +47,12 @@ def tune_recurrence(sizes: list[str], micro_batch_size: int, seq_len: int) -> No
 
 def tune_stock_model(micro_batch_size: int, seq_len: int) -> None:
     print(f"fla kernels: {import_fla_with_pinned_configs('fla.models')}", flush=True)
-    from benchmark_naive_reference import VOCAB, build  # this folder's naive reference
+    from benchmark_naive_reference import VOCAB, build, loss_of  # this folder's naive reference
 
     model = build("rwkv").to(device="cuda", dtype=torch.bfloat16)
     tokens = torch.randint(0, VOCAB["rwkv"], (micro_batch_size, seq_len), device="cuda")
     started = time.perf_counter()
-    model(input_ids=tokens, labels=tokens).loss.backward()
+    loss_of("rwkv", model, tokens).backward()
     torch.cuda.synchronize()
     print(f"fla RWKV7ForCausalLM: tuned forward+backward in {time.perf_counter() - started:.1f} s", flush=True)
 
