@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mamba.selective_scan import FUSED_PATH, REFERENCE_PATH, fused_kernels_available, mixer_fused, mixer_reference
 from training_harness.lm import CausalLM, tag_no_weight_decay
-from training_harness.registry import ModelFamily
+from training_harness.registry import ModelFamily, StockReference
 
 _PAPER = {
     "0.5B": dict(layers=24, d_model=768),
@@ -32,44 +33,8 @@ SHAPES = {
 }
 D_STATE, D_CONV, EXPAND = 16, 4, 2
 
-FUSED_PATH = "mamba_ssm fused (mamba_inner_fn: causal_conv1d + selective_scan CUDA)"
-REFERENCE_PATH = "PyTorch reference selective scan (slow)"
 INSTALL_HINT = ("pip install --no-build-isolation 'causal-conv1d>=1.4' 'mamba-ssm>=2.2' (see README, GPU install), "
                 "or pass --allow_slow_kernels to time the slow reference path knowingly")
-
-
-def fused_kernels_available() -> bool:
-    try:
-        import causal_conv1d  # noqa: F401
-        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def selective_scan(x, delta, A, B, C, D):
-    """Reference selective scan, float32, sequential in time and vectorized over batch and channels.
-
-    x, delta: (B, E, L); A: (E, N); B, C: (B, N, L); D: (E,). Returns y: (B, E, L).
-    """
-    x, delta, B, C = x.float(), delta.float(), B.float(), C.float()
-    decay = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # (B, E, L, N)
-    drive = (delta * x).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (B, E, L, N)
-    state = x.new_zeros(x.shape[0], x.shape[1], A.shape[1])  # (B, E, N)
-    outputs = []
-    for t in range(x.shape[-1]):
-        state = decay[:, :, t] * state + drive[:, :, t]
-        outputs.append(torch.einsum("ben,bn->be", state, C[:, :, t]))
-    return torch.stack(outputs, dim=-1) + x * D.unsqueeze(-1)
-
-
-@torch.compiler.disable  # CUDA kernels behind an autograd.Function: run eagerly inside compiled blocks
-def _fused_mixer(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias):
-    """mamba-ssm's fused conv, selective scan, gate and output projection."""
-    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-
-    return mamba_inner_fn(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None, A,
-                          None, None, D, delta_bias=dt_bias, delta_softplus=True)
 
 
 class MambaMixer(nn.Module):
@@ -96,30 +61,47 @@ class MambaMixer(nn.Module):
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
+    def project_in(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The input projection of hidden (B, L, D), transposed: (2E, B*L), contiguous."""
+        return self.in_proj.weight @ hidden.reshape(-1, hidden.shape[-1]).t()
+
+    def scan(self, xz: torch.Tensor, batch: int) -> torch.Tensor:
+        """Everything after the input projection: (2E, B*L) -> (B, L, D).
+
+        The kernels read xz as (B, 2E, L) with the sequence dimension contiguous, a view of the projection's
+        output, and write its gradient in the same layout (as mamba_simple does): no transposing copy either
+        way. The view is taken here, outside any compiled region, so the region's output and its gradient
+        are both plain contiguous (2E, B*L) tensors."""
+        xz = xz.view(xz.shape[0], batch, -1).transpose(0, 1)
+        mixer = mixer_fused if self.fused else mixer_reference
+        return mixer(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                     self.out_proj.weight, -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float())
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        length = hidden.shape[1]
-        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
-        A = -torch.exp(self.A_log.float())  # (E, N)
-        if self.fused:
-            return _fused_mixer(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                                self.out_proj.weight, A, self.D.float(), self.dt_proj.bias.float())
-        x, z = xz.chunk(2, dim=1)  # (B, E, L) each
-        x = F.silu(self.conv1d(x)[..., :length])  # causal: keep the first L outputs
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, D_STATE, D_STATE], dim=-1)
-        delta = F.softplus(self.dt_proj(dt).transpose(1, 2).float())  # (B, E, L)
-        y = selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float())
-        y = y.to(hidden.dtype) * F.silu(z)
-        return self.out_proj(y.transpose(1, 2))  # (B, L, D)
+        return self.scan(self.project_in(hidden), hidden.shape[0])
 
 
 class MambaBlock(nn.Module):
+    """Pre-norm residual block in mamba-ssm's form: the residual stream (float32) is carried beside the mixer's
+    output, and each block begins with the previous block's residual add, so that add, the norm and the input
+    projection form one compiled region before the kernel."""
+
     def __init__(self, d_model: int, fused: bool):
         super().__init__()
         self.norm = nn.RMSNorm(d_model, eps=1e-5)
         self.mixer = MambaMixer(d_model, fused)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.mixer(self.norm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        xz, residual = self.prepare(hidden, residual)
+        return self.mixer.scan(xz, hidden.shape[0]), residual
+
+    def prepare(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = (hidden if residual is None else residual + hidden).float()
+        return self.mixer.project_in(self.norm(residual.to(self.norm.weight.dtype))), residual
+
+    def compile_regions(self, **kwargs) -> None:
+        """One whole graph before the kernel; the kernel runs eagerly and nothing follows it in the block."""
+        self.prepare = torch.compile(self.prepare, fullgraph=True, **kwargs)
 
 
 class MambaBackbone(nn.Module):
@@ -141,10 +123,10 @@ class MambaBackbone(nn.Module):
                 mixer.out_proj.weight /= math.sqrt(layers)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embedding(input_ids)  # (B, T, D)
+        hidden, residual = self.embedding(input_ids), None  # (B, T, D)
         for block in self.blocks:
-            hidden = block(hidden)
-        return self.norm_f(hidden)
+            hidden, residual = block(hidden, residual)
+        return self.norm_f((residual + hidden).to(self.norm_f.weight.dtype))
 
 
 def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
@@ -162,7 +144,25 @@ def scan_flops_per_token(shape: dict, seq_len: int) -> float:
     return 3.0 * shape["layers"] * d_inner * (9 * D_STATE + 2 * D_CONV)
 
 
+def build_stock(shape: dict, vocab_size: int) -> nn.Module:
+    """mamba-ssm's MambaLMHeadModel with its defaults: fused add + RMSNorm (Triton), residual in float32."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    return MambaLMHeadModel(MambaConfig(d_model=shape["d_model"], n_layer=shape["layers"], vocab_size=vocab_size,
+                                        ssm_cfg={"layer": "Mamba1"}, rms_norm=True, fused_add_norm=True,
+                                        residual_in_fp32=True))
+
+
+def stock_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """MambaLMHeadModel returns logits only: cross-entropy of the float logits, labels shifted by one."""
+    logits = model(tokens).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
 FAMILY = ModelFamily(
-    name="mamba", display_name="Mamba", default_tokenizer="EleutherAI/pythia-410m", shapes=SHAPES, build=build,
-    sequence_flops_per_token=scan_flops_per_token,
+    name="mamba", display_name="Mamba", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
+    shapes=SHAPES, build=build, sequence_flops_per_token=scan_flops_per_token,
+    stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba1; fused add+RMSNorm, residual in fp32)", build_stock,
+                         stock_loss),
 )
