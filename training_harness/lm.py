@@ -18,14 +18,15 @@ def softmax_cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor) -> tu
     """Summed cross-entropy of (N, V) logits and its gradient with respect to them, in float32 arithmetic
     at least.
 
-    Returns (loss sum, d loss / d logits in the logits' dtype). Eager, each line is a pass over the
-    (N, V) logits; compiled (``CausalLM.compile_regions``), inductor fuses them.
+    Returns (loss sum, d loss / d logits in the logits' dtype). The one-hot target is a comparison, not a
+    scatter, so that compiled (``CausalLM.compile_regions``) the gradient is one pointwise pass over the
+    logits after the pass that reduces them; eager, each line is a pass of its own.
     """
     logits32 = logits.to(_math_dtype(logits.dtype))
     log_normalizer = torch.logsumexp(logits32, dim=-1, keepdim=True)  # (N, 1)
     loss = (log_normalizer.squeeze(1) - logits32.gather(1, labels.unsqueeze(1)).squeeze(1)).sum()
-    grad = (logits32 - log_normalizer).exp()  # softmax
-    grad = grad.scatter_add(1, labels.unsqueeze(1), -torch.ones_like(grad[:, :1]))  # minus the one-hot target
+    target = torch.arange(logits.shape[1], device=logits.device) == labels.unsqueeze(1)  # (N, V) one-hot
+    grad = (logits32 - log_normalizer).exp() - target.to(logits32.dtype)  # softmax minus the one-hot target
     return loss, grad.to(logits.dtype)
 
 
