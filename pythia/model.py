@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from transformers import GPTNeoXConfig, GPTNeoXModel
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
 
-from qwen.model import attention_flops_per_token
+from qwen.model import attention_flops_per_token, transformers_loss
 from training_harness.lm import CausalLM, TransformersBackbone
-from training_harness.registry import ModelFamily
+from training_harness.registry import ModelFamily, StockReference
 
 _PAPER = {
     "0.5B": dict(layers=24, d_model=1024, heads=16),
@@ -24,14 +24,18 @@ SHAPES = {
 }
 
 
-def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
-    config = GPTNeoXConfig(
+def hf_config(shape: dict, vocab_size: int) -> GPTNeoXConfig:
+    return GPTNeoXConfig(
         vocab_size=vocab_size, hidden_size=shape["d_model"], num_hidden_layers=shape["layers"],
         num_attention_heads=shape["heads"], intermediate_size=4 * shape["d_model"], hidden_act="gelu",
         max_position_embeddings=8192, use_parallel_residual=True, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25},
         attn_implementation="sdpa",
     )
+
+
+def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
+    config = hf_config(shape, vocab_size)
     # Pythia's output head is separate from the input embedding, initialised like its other linears.
     return CausalLM(TransformersBackbone(GPTNeoXModel(config)), vocab_size, shape["d_model"], tie_embeddings=False,
                     kernel_path="torch SDPA (flash/efficient attention on CUDA)",
@@ -39,6 +43,8 @@ def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bo
 
 
 FAMILY = ModelFamily(
-    name="pythia", display_name="Pythia", default_tokenizer="EleutherAI/pythia-410m", shapes=SHAPES, build=build,
-    sequence_flops_per_token=attention_flops_per_token,
+    name="pythia", display_name="Pythia", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
+    shapes=SHAPES, build=build, sequence_flops_per_token=attention_flops_per_token,
+    stock=StockReference("transformers GPTNeoXForCausalLM (SDPA attention)",
+                         lambda shape, vocab: GPTNeoXForCausalLM(hf_config(shape, vocab)), transformers_loss),
 )

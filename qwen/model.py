@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from transformers import Qwen2Config, Qwen2Model
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
 from training_harness.lm import CausalLM, TransformersBackbone
-from training_harness.registry import ModelFamily
+from training_harness.registry import ModelFamily, StockReference
 
 _PAPER = {
     "0.5B": dict(layers=24, d_model=896, heads=14, kv_heads=2, ffn=4864),
@@ -19,16 +20,19 @@ SHAPES = {
 }
 
 
-def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
-    config = Qwen2Config(
+def hf_config(shape: dict, vocab_size: int) -> Qwen2Config:
+    return Qwen2Config(
         vocab_size=vocab_size, hidden_size=shape["d_model"], intermediate_size=shape["ffn"],
         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
         num_key_value_heads=shape["kv_heads"], max_position_embeddings=32768, rms_norm_eps=1e-6,
         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         attn_implementation="sdpa",
     )
-    return CausalLM(TransformersBackbone(Qwen2Model(config)), vocab_size, shape["d_model"], tie_embeddings=True,
-                    kernel_path="torch SDPA (flash/efficient attention on CUDA)")
+
+
+def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
+    return CausalLM(TransformersBackbone(Qwen2Model(hf_config(shape, vocab_size))), vocab_size, shape["d_model"],
+                    tie_embeddings=True, kernel_path="torch SDPA (flash/efficient attention on CUDA)")
 
 
 def attention_flops_per_token(shape: dict, seq_len: int) -> float:
@@ -38,8 +42,15 @@ def attention_flops_per_token(shape: dict, seq_len: int) -> float:
     return 6.0 * shape["layers"] * seq_len * shape["heads"] * head_dim
 
 
+def transformers_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A transformers causal LM's own loss: it shifts the labels by one and upcasts the logits."""
+    return model(input_ids=tokens, labels=tokens).loss
+
+
 FAMILY = ModelFamily(
-    name="qwen", display_name="Qwen2.5", default_tokenizer="Qwen/Qwen2.5-0.5B", shapes=SHAPES, build=build,
-    sequence_flops_per_token=attention_flops_per_token,
+    name="qwen", display_name="Qwen2.5", default_tokenizer="Qwen/Qwen2.5-0.5B", tokenizer_vocab=151_665,
+    shapes=SHAPES, build=build, sequence_flops_per_token=attention_flops_per_token,
     min_vocab_rows={"paper": 151_936, "matched": 151_936},
+    stock=StockReference("transformers Qwen2ForCausalLM (SDPA attention)",
+                         lambda shape, vocab: Qwen2ForCausalLM(hf_config(shape, vocab)), transformers_loss),
 )

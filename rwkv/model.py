@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from rwkv.wkv7 import FLA_PATH, REFERENCE_PATH, fla_available, fla_kernel_choice, wkv7_fla, wkv7_reference
 from training_harness.lm import CausalLM, tag_no_weight_decay
-from training_harness.registry import ModelFamily
+from training_harness.registry import ModelFamily, StockReference
 
 HEAD_SIZE = 64
 _PAPER = {
@@ -234,7 +234,26 @@ def wkv_flops_per_token(shape: dict, seq_len: int) -> float:
     return 3.0 * shape["layers"] * heads * 10 * HEAD_SIZE * HEAD_SIZE
 
 
+def build_stock(shape: dict, vocab_size: int) -> nn.Module:
+    """flash-linear-attention's RWKV7ForCausalLM with its defaults (fused norms and cross-entropy), its kernels
+    pinned like the harness's (rwkv/kernel_configs.py)."""
+    from rwkv.kernel_configs import import_fla_with_pinned_configs
+
+    import_fla_with_pinned_configs("fla.models")
+    from fla.models import RWKV7Config, RWKV7ForCausalLM
+
+    return RWKV7ForCausalLM(RWKV7Config(hidden_size=shape["d_model"], num_hidden_layers=shape["layers"],
+                                        head_dim=HEAD_SIZE, vocab_size=vocab_size))
+
+
+def stock_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """fla's own loss: labels shifted by one, its fused cross-entropy."""
+    return model(input_ids=tokens, labels=tokens).loss
+
+
 FAMILY = ModelFamily(
-    name="rwkv", display_name="RWKV-7", default_tokenizer="EleutherAI/pythia-410m", shapes=SHAPES, build=build,
-    sequence_flops_per_token=wkv_flops_per_token,
+    name="rwkv", display_name="RWKV-7", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
+    shapes=SHAPES, build=build, sequence_flops_per_token=wkv_flops_per_token,
+    stock=StockReference("flash-linear-attention RWKV7ForCausalLM (fused norms and cross-entropy)", build_stock,
+                         stock_loss),
 )

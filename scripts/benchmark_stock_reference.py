@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""The naive reference the harness is compared with: each family's stock implementation at the 0.5B paper
-shapes, bf16 weights, fused AdamW, eager, one 8192-token sequence per step, the library's own loss.
+"""Time a family's stock implementation, the yardstick of the harness's speed (needs a GPU).
 
-    python scripts/benchmark_naive_reference.py --family qwen [--steps 10] [--seq_len 8192] [--device cuda]
-        [--profile_steps 3]
+    python scripts/benchmark_stock_reference.py --family mamba [--size 0.5B] [--micro_batch_size 8]
+        [--steps 10] [--seq_len 8192] [--profile_steps 2]
 
-Stock implementations: transformers' Qwen2ForCausalLM and GPTNeoXForCausalLM, mamba-ssm's
-MambaLMHeadModel (Mamba-1), flash-linear-attention's RWKV7ForCausalLM. Prints one JSON line.
-``--profile_steps`` adds the GPU's kernel time per step (torch.profiler, after the timed steps): far below
-the wall time per step means the host, not the GPU, sets the speed.
+The library's model as it ships (each family's ``stock`` in its model.py: transformers' Qwen2ForCausalLM and
+GPTNeoXForCausalLM with SDPA attention, mamba-ssm's MambaLMHeadModel, flash-linear-attention's
+RWKV7ForCausalLM) at the family's shape, bf16 weights, eager, the library's own loss. One optimizer step does
+the same work as the harness's: the spec's global batch as micro-batches of ``--micro_batch_size`` (default:
+the sweep's GPU plan) with gradient accumulation, clipping at 1.0, fused AdamW. Prints one JSON line.
+``--profile_steps`` adds the GPU's kernel time per step and the top kernels.
 """
 
 from __future__ import annotations
@@ -18,106 +19,71 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VOCAB = {"qwen": 151_936, "pythia": 50_304, "mamba": 50_304, "rwkv": 50_304}
-
-
-def build(family: str) -> torch.nn.Module:
-    if family == "qwen":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        return Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=VOCAB[family], hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="sdpa",
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}))
-    if family == "pythia":
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-        return GPTNeoXForCausalLM(GPTNeoXConfig(
-            vocab_size=VOCAB[family], hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-            intermediate_size=4096, max_position_embeddings=8192, attn_implementation="sdpa",
-            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25}))
-    if family == "mamba":
-        from mamba_ssm.models.config_mamba import MambaConfig
-        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-
-        return MambaLMHeadModel(MambaConfig(d_model=768, n_layer=24, vocab_size=VOCAB[family],
-                                            ssm_cfg={"layer": "Mamba1"}))
-    if family == "rwkv":
-        from rwkv.kernel_configs import import_fla_with_pinned_configs
-
-        # The chunk kernels take the configurations autotuning chose for the harness (minutes saved);
-        # the layer's other kernels autotune as usual.
-        import_fla_with_pinned_configs("fla.models")
-        from fla.models import RWKV7Config, RWKV7ForCausalLM
-
-        return RWKV7ForCausalLM(RWKV7Config(hidden_size=1024, num_hidden_layers=24, head_dim=64,
-                                            vocab_size=VOCAB[family]))
-    raise ValueError(f"unknown family {family!r}")
-
-
-def loss_of(family: str, model, tokens: torch.Tensor) -> torch.Tensor:
-    if family == "mamba":  # MambaLMHeadModel returns logits only
-        logits = model(tokens).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-    return model(input_ids=tokens, labels=tokens).loss  # the library shifts the labels by one
-
-
-def gpu_kernel_time(step: Callable[[], None], steps: int) -> tuple[float, int]:
-    """Seconds of CUDA kernel time per step and kernels per step over ``steps`` profiled steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.device_time for e in kernels) / steps / 1e6, round(len(kernels) / steps)
+from training_harness.config import SPEC_GLOBAL_BATCH  # noqa: E402
+from training_harness.profiling import profile_steps  # noqa: E402
+from training_harness.registry import FAMILY_MODULES, SIZES, get_family  # noqa: E402
+from training_harness.sweep import gpu_plan  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=sorted(VOCAB))
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--family", required=True, choices=sorted(FAMILY_MODULES))
+    parser.add_argument("--size", default="0.5B", choices=SIZES)
+    parser.add_argument("--micro_batch_size", type=int, default=None, help="default: the sweep's GPU plan")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps; the first is not timed")
     parser.add_argument("--seq_len", type=int, default=8192)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--profile_steps", type=int, default=0, help="steps to profile after the timed ones (CUDA)")
+    parser.add_argument("--profile_steps", type=int, default=0, help="steps to profile after the timed ones")
+    parser.add_argument("--top", type=int, default=15, help="kernels listed by the profile")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if args.profile_steps and device.type != "cuda":
-        parser.error("--profile_steps measures CUDA kernel time; it needs --device cuda")
+    family = get_family(args.family)
+    if family.stock is None:
+        parser.error(f"{args.family} names no stock implementation")
+    global_batch = SPEC_GLOBAL_BATCH[args.size]
+    micro = args.micro_batch_size or gpu_plan(args.family, args.size)["micro_batch_size"]
+    if global_batch % micro:
+        parser.error(f"--micro_batch_size {micro} does not divide the global batch {global_batch}")
     torch.manual_seed(0)
-    model = build(args.family).to(device=device, dtype=torch.bfloat16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    tokens = torch.randint(0, VOCAB[args.family], (1, args.seq_len), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.device("cuda"):
+        model = family.stock.build(family.shape(args.size, "paper"), family.default_vocab_rows("paper"))
+    model = model.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    batches = [torch.randint(0, family.tokenizer_vocab, (micro, args.seq_len), device="cuda")
+               for _ in range(global_batch // micro)]
 
     def step() -> None:
-        loss_of(args.family, model, tokens).backward()
+        for tokens in batches:
+            (family.stock.loss(model, tokens) / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     times = []
-    for _ in range(args.steps):
-        started = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - started)
-    step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
-    row = {"family": args.family, "variant": "naive", "params_m": round(sum(p.numel() for p in model.parameters())
-                                                                          / 1e6, 1),
-           "tokens_per_s": args.seq_len / step_s, "s_per_step": step_s, "first_step_s": times[0],
-           "step_s": [round(t, 4) for t in times],
-           "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+    try:
+        for _ in range(args.steps):
+            started = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+    except torch.cuda.OutOfMemoryError:
+        print(json.dumps({"family": args.family, "size": args.size, "micro_batch_size": micro,
+                          "error": f"out of memory at micro-batch {micro}"}))
+        return 0
+    steady = times[1:] or times
+    step_s = statistics.median(steady)
+    row = {"family": args.family, "size": args.size, "implementation": family.stock.name, "micro_batch_size": micro,
+           "global_batch": global_batch, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+           "tokens_per_s": global_batch * args.seq_len / step_s, "s_per_step": step_s,
+           "step_s_spread": [min(steady), max(steady)], "first_step_s": times[0],
+           "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9, "device": torch.cuda.get_device_name()}
     if args.profile_steps:
-        row["gpu_kernel_s_per_step"], row["kernels_per_step"] = gpu_kernel_time(step, args.profile_steps)
+        profiled = profile_steps(step, args.profile_steps, args.top)
+        row.update(profiled, gpu_busy=profiled["gpu_kernel_s_per_step"] / step_s)
     print(json.dumps(row))
     return 0
 

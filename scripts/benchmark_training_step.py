@@ -2,14 +2,16 @@
 """Time the harness's own training iteration for each family and size (needs a GPU).
 
     python scripts/benchmark_training_step.py --qwen_data DIR --neox_data DIR [--families qwen,rwkv]
-        [--sizes 0.5B] [--preset paper] [--steps 12] [--variant NAME="FLAGS" ...] [--naive]
+        [--sizes 0.5B] [--preset paper] [--steps 12] [--variant NAME="FLAGS" ...] [--stock] [--rounds 2]
 
 Each family x size x variant runs the real training script in a fresh process (so the first step is
 cold: compilation and autotuning included) at the spec's global batch; a variant is a name and the
 training flags it adds (default: one variant, "plan", the sweep's plan for that family and size:
-training_harness/sweep.py's GPU_PLAN, compiled). --naive times each family's stock
-implementation once, after its first variant. Prints one table and writes the rows as JSON (default
-docs/benchmarks/training_step_<gpu>.json).
+training_harness/sweep.py's GPU_PLAN, compiled). --stock also times the family's stock implementation
+(scripts/benchmark_stock_reference.py, paper shapes) at the first variant's micro-batch and at micro-batch
+1, each in a fresh process, and the speed-up compares equal micro-batches and equal tokens per optimizer
+step. --rounds repeats the whole sequence, so every figure has a spread. Prints one table and writes the
+rows as JSON (default docs/benchmarks/training_step_<gpu>.json).
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from efficientllm_metrics import write_json_atomic  # noqa: E402
 from training_harness.registry import FAMILY_MODULES, SIZES, get_family  # noqa: E402
 from training_harness.sweep import plan_flags  # noqa: E402
 from training_harness.tokenization import tokenizer_name  # noqa: E402
 
-COLUMNS = ("family", "size", "variant", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter",
-           "peak_alloc_gb", "first_step_s", "process_s", "naive_tokens_per_s", "speedup_vs_naive")
+COLUMNS = ("round", "family", "size", "variant", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter",
+           "peak_alloc_gb", "first_step_s", "process_s", "stock_tokens_per_s", "speedup_vs_stock",
+           "stock_mb1_tokens_per_s")
 
 
 def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) -> dict:
@@ -44,8 +50,10 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     process_s = time.perf_counter() - started
+    # Recorded relative to the checkout, the temporary output folder as <output>: no machine's paths.
+    recorded = [str(Path(part).relative_to(ROOT)) if part.startswith(str(ROOT)) else part for part in command[1:]]
     row = {"family": family, "size": size, "variant": variant, "process_s": round(process_s, 1),
-           "command": " ".join(command[1:])}
+           "command": " ".join(recorded).replace(str(output), "<output>")}
     try:
         metrics = json.loads((output / "efficientllm_metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -65,13 +73,31 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
     return row
 
 
-def naive_reference(family: str, steps: int) -> dict:
-    """The stock implementation's tokens/s (scripts/benchmark_naive_reference.py), in a fresh process."""
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_naive_reference.py"), "--family",
-                             family, "--steps", str(steps)], capture_output=True, text=True)
+def stock_reference(family: str, size: str, micro_batch_size: int, steps: int) -> dict:
+    """The stock implementation's row (scripts/benchmark_stock_reference.py), timed in a fresh process."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_stock_reference.py"), "--family",
+                             family, "--size", size, "--micro_batch_size", str(micro_batch_size), "--steps",
+                             str(steps)], capture_output=True, text=True)
     if result.returncode:
-        return {"naive_error": result.stderr.strip()[-300:]}
-    return {"naive": json.loads(result.stdout.strip().splitlines()[-1])}
+        return {"error": result.stderr.strip()[-500:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def stock_rows(family: str, size: str, harness: dict, steps: int, round_index: int) -> list[dict]:
+    """The stock model at the harness row's micro-batch (its speed-up goes into that row) and at 1."""
+    micro = harness.get("micro") or 1
+    same = stock_reference(family, size, micro, steps)
+    if same.get("tokens_per_s") and harness.get("tokens_per_s"):
+        harness.update(stock_tokens_per_s=same["tokens_per_s"],
+                       speedup_vs_stock=harness["tokens_per_s"] / same["tokens_per_s"])
+    single = stock_reference(family, size, 1, steps) if micro != 1 else same
+    harness["stock_mb1_tokens_per_s"] = single.get("tokens_per_s")
+    return [{"round": round_index, "family": family, "size": size, "variant": "stock",
+             "micro": stock.get("micro_batch_size"), "status": stock.get("error", "completed"),
+             "params_m": stock.get("params_m"), "tokens_per_s": stock.get("tokens_per_s"),
+             "s_per_iter": stock.get("s_per_step"), "peak_alloc_gb": stock.get("peak_alloc_gb"),
+             "first_step_s": stock.get("first_step_s"), "stock": stock}
+            for stock in ([same, single] if micro != 1 else [same])]
 
 
 def cell(value) -> str:
@@ -93,32 +119,37 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                         help="a named set of training flags, e.g. mb2=\"--micro_batch_size 2 --compile\"")
-    parser.add_argument("--naive", action="store_true",
-                        help="also time each family's stock implementation (0.5B shapes) for the speed-up")
+    parser.add_argument("--stock", action="store_true",
+                        help="also time each family's stock implementation at the same micro-batch and at 1")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat everything, for the spread")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant] or [("plan", None)]
-    rows = []
-    with tempfile.TemporaryDirectory() as work:
-        for size in [s for s in args.sizes.split(",") if s in SIZES]:
-            for family in args.families.split(","):
-                naive = None
-                for name, flags in variants:
-                    flags = " ".join(plan_flags(family, size)) if flags is None else flags
-                    rows.append(run_one(family, size, name, flags, args, Path(work)))
-                    if args.naive and size == "0.5B" and args.preset == "paper":
-                        naive = naive or naive_reference(family, args.steps)
-                        rows[-1].update(naive)
-                        reference = naive.get("naive", {}).get("tokens_per_s")
-                        if reference and rows[-1].get("tokens_per_s"):
-                            rows[-1].update(naive_tokens_per_s=reference,
-                                            speedup_vs_naive=rows[-1]["tokens_per_s"] / reference)
-                    print(" ".join(f"{k}={cell(rows[-1].get(k))}" for k in COLUMNS), flush=True)
-    device = next((r["device"] for r in rows if r.get("device")), "unknown")
+    device = torch.cuda.get_device_name()
     output = args.output or ROOT / "docs" / "benchmarks" / f"training_step_{device.replace(' ', '_')}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args) | {
-        "output": str(output)}, "rows": rows}, indent=2, default=str) + "\n")
+    header = {"device": device, "date": time.strftime("%Y-%m-%d"), "args": {
+        key: str(value) for key, value in vars(args).items() if key != "output"}}
+    rows = []
+
+    def record(new_rows: list[dict]) -> None:
+        """Print and save after every row: a run stopped part-way keeps what it measured."""
+        rows.extend(new_rows)
+        for row in new_rows:
+            print(" ".join(f"{k}={cell(row.get(k))}" for k in COLUMNS), flush=True)
+        write_json_atomic(output, {**header, "rows": rows})
+
+    with tempfile.TemporaryDirectory() as work:
+        for round_index in range(1, args.rounds + 1):
+            for size in [s for s in args.sizes.split(",") if s in SIZES]:
+                for family in args.families.split(","):
+                    for name, flags in variants:
+                        flags = " ".join(plan_flags(family, size)) if flags is None else flags
+                        row = run_one(family, size, name, flags, args, Path(work) / f"round{round_index}")
+                        record([{"round": round_index, **row}])
+                    if args.stock and args.preset == "paper":
+                        harness = rows[-len(variants)]
+                        stock = stock_rows(family, size, harness, args.steps, round_index)
+                        record(stock)
     print("| " + " | ".join(COLUMNS) + " |")
     for row in rows:
         print("| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |")

@@ -1,63 +1,74 @@
 #!/usr/bin/env python3
-"""Where one training micro-step spends GPU time: the top kernels by their own GPU time (needs a GPU).
+"""Where the harness's training step spends GPU time: the real trainer's optimizer step under torch.profiler.
 
-    python scripts/profile_training_step.py --family rwkv [--size 0.5B] [--micro_batch_size 2] [--compile]
-        [--seq_len 8192] [--top 25] [--trace trace.json]
+    python scripts/profile_training_step.py --family mamba --data_path DIR [--size 0.5B] [--warmup_steps 3]
+        [--profile_steps 2] [--top 20] [--plan | training flags such as --micro_batch_size 2 --compile]
 
-Builds the family's model as the harness does (paper shapes, bf16 autocast over fp32 weights, the
-harness's loss), runs warm-up steps (compilation, autotuning), then profiles one forward + backward
-and prints torch.profiler's table; --trace also writes a Chrome trace.
+Sets up ``training_harness.trainer.Trainer`` exactly as a run does (the same flags; ``--plan`` adds the
+sweep's GPU plan for the family and size), runs warm-up steps (compilation, autotuning), times a few steps,
+then profiles ``--profile_steps`` and prints one JSON line: wall and kernel seconds per step, GPU busy
+share, kernel launches and the top kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training_harness.registry import get_family  # noqa: E402
-
-VOCAB_ROWS = {"qwen": 151_936}  # the others use the GPT-NeoX-20B vocabulary padded to 50,304
+from training_harness import distributed  # noqa: E402
+from training_harness.config import parse_config  # noqa: E402
+from training_harness.profiling import profile_steps  # noqa: E402
+from training_harness.sweep import plan_flags  # noqa: E402
+from training_harness.trainer import Trainer  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True)
     parser.add_argument("--size", default="0.5B")
-    parser.add_argument("--micro_batch_size", type=int, default=1)
-    parser.add_argument("--seq_len", type=int, default=8192)
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--trace", type=Path, default=None)
-    args = parser.parse_args()
-    family = get_family(args.family)
-    vocab = VOCAB_ROWS.get(args.family, 50_304)
-    with torch.device("cuda"):
-        model = family.build(family.shape(args.size, "paper"), vocab, "cuda", False)
-    if args.compile:
-        model.compile_regions()
-    tokens = torch.randint(0, vocab, (args.micro_batch_size, args.seq_len + 1), device="cuda")
+    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--timed_steps", type=int, default=5)
+    parser.add_argument("--profile_steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--plan", action="store_true", help="train with the sweep's GPU plan for family and size")
+    args, training_flags = parser.parse_known_args()
+    with tempfile.TemporaryDirectory() as output:
+        flags = ["--model_size", args.size, "--output_dir", output, "--device", "cuda", *training_flags]
+        if args.plan:
+            flags += plan_flags(args.family, args.size)
+        config = parse_config(flags, args.family, "profile")
+        trainer = Trainer(config, distributed.setup(config.device))
+        trainer.setup()
 
-    def micro_step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
+        def step() -> None:
+            trainer.train_step()
+            trainer.step += 1
 
-    for _ in range(args.warmup):
-        micro_step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-        micro_step()
-        torch.cuda.synchronize()
-    print(profiler.key_averages().table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=70))
-    if args.trace:
-        profiler.export_chrome_trace(str(args.trace))
+        times = []
+        for index in range(args.warmup_steps + args.timed_steps):
+            started = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            if index >= args.warmup_steps:
+                times.append(time.perf_counter() - started)
+        step_s = statistics.median(times)
+        tokens = trainer.micro_batch * trainer.accumulation * config.seq_len
+        row = {"family": args.family, "size": args.size, "flags": " ".join(flags[4:]),
+               "micro_batch_size": trainer.micro_batch, "tokens_per_s": tokens / step_s, "s_per_step": step_s,
+               "step_s_spread": [min(times), max(times)], "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9,
+               "device": torch.cuda.get_device_name()}
+        profiled = profile_steps(step, args.profile_steps, args.top)
+        row.update(profiled, gpu_busy=profiled["gpu_kernel_s_per_step"] / step_s)
+    print(json.dumps(row))
     return 0
 
 

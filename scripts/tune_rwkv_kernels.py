@@ -5,7 +5,7 @@
     python scripts/tune_rwkv_kernels.py --stock_model
 
 The first form tunes the chunked recurrence the harness calls; the second adds the kernels of fla's own
-RWKV7ForCausalLM (token shift, norms, gates: the naive reference of scripts/benchmark_naive_reference.py),
+RWKV7ForCausalLM (token shift, norms, gates: the stock reference of scripts/benchmark_stock_reference.py),
 running it with the recurrence already pinned. Run both once per GPU architecture; training then starts
 without autotuning (rwkv/kernel_configs.py).
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv.kernel_configs import config_file, dump, import_fla_with_pinned_configs  # noqa: E402
-from rwkv.model import HEAD_SIZE, SHAPES  # noqa: E402
+from rwkv.model import FAMILY, HEAD_SIZE, SHAPES  # noqa: E402
 
 
 def tune_recurrence(sizes: list[str], micro_batch_size: int, seq_len: int) -> None:
@@ -47,12 +47,12 @@ def tune_recurrence(sizes: list[str], micro_batch_size: int, seq_len: int) -> No
 
 def tune_stock_model(micro_batch_size: int, seq_len: int) -> None:
     print(f"fla kernels: {import_fla_with_pinned_configs('fla.models')}", flush=True)
-    from benchmark_naive_reference import VOCAB, build, loss_of  # this folder's naive reference
-
-    model = build("rwkv").to(device="cuda", dtype=torch.bfloat16)
-    tokens = torch.randint(0, VOCAB["rwkv"], (micro_batch_size, seq_len), device="cuda")
+    stock = FAMILY.stock
+    with torch.device("cuda"):
+        model = stock.build(SHAPES["paper"]["0.5B"], FAMILY.default_vocab_rows("paper")).to(torch.bfloat16)
+    tokens = torch.randint(0, FAMILY.tokenizer_vocab, (micro_batch_size, seq_len), device="cuda")
     started = time.perf_counter()
-    loss_of("rwkv", model, tokens).backward()
+    stock.loss(model, tokens).backward()
     torch.cuda.synchronize()
     print(f"fla RWKV7ForCausalLM: tuned forward+backward in {time.perf_counter() - started:.1f} s", flush=True)
 

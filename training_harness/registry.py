@@ -28,12 +28,27 @@ FAMILY_MODULES = {
 
 
 @dataclass(frozen=True)
+class StockReference:
+    """A family's public implementation as its library ships it (bf16 weights, the library's own fast options
+    and loss), the yardstick of the harness's speed."""
+
+    name: str
+    """What is built, with the options that matter for speed."""
+    build: Callable[[dict, int], torch.nn.Module]
+    """build(shape, vocab_rows) -> the library's model, at the family's shape for that size."""
+    loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    """loss(model, tokens (B, T)) -> mean next-token cross-entropy as the library computes it."""
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """What a family gives the harness."""
 
     name: str
     display_name: str
     default_tokenizer: str
+    tokenizer_vocab: int
+    """Vocabulary of ``default_tokenizer`` (added tokens included): the embedding rows before data exists."""
     shapes: dict[str, dict[str, dict]]
     """preset -> nominal size -> shape keyword arguments for ``build``."""
     build: Callable[..., CausalLM]
@@ -42,6 +57,7 @@ class ModelFamily:
     """Training FLOPs per token that are not weight matmuls (attention scores, state updates)."""
     min_vocab_rows: dict[str, int] | None = None
     """Per preset, the embedding rows of the original model when larger than the padded vocabulary."""
+    stock: StockReference | None = None
 
     def shape(self, size: str, preset: str) -> dict:
         if preset not in self.shapes:
@@ -54,6 +70,10 @@ class ModelFamily:
         """Embedding rows: the tokenizer's vocabulary padded to a multiple of 64."""
         return max(round_up(tokenizer_vocab, 64), (self.min_vocab_rows or {}).get(preset, 0))
 
+    def default_vocab_rows(self, preset: str) -> int:
+        """Embedding rows with the family's default tokenizer."""
+        return self.vocab_rows(self.tokenizer_vocab, preset)
+
     def flops_per_token(self, model: CausalLM, shape: dict, seq_len: int) -> float:
         """6 x matmul weights (forward 2, backward 4; Kaplan et al. 2020) + the sequence-mixing term."""
         return 6.0 * matmul_params(model) + self.sequence_flops_per_token(shape, seq_len)
@@ -65,11 +85,12 @@ def get_family(name: str) -> ModelFamily:
     return importlib.import_module(FAMILY_MODULES[name]).FAMILY
 
 
-def count_on_meta(family: ModelFamily, size: str, preset: str, tokenizer_vocab: int,
+def count_on_meta(family: ModelFamily, size: str, preset: str, tokenizer_vocab: int | None = None,
                   seq_len: int = 8192) -> dict:
-    """Parameter count and FLOPs per token of a model built on the meta device (no memory used)."""
+    """Parameter count and FLOPs per token of a model built on the meta device (no memory used), with the
+    family's default tokenizer unless ``tokenizer_vocab`` is given."""
     shape = family.shape(size, preset)
-    vocab = family.vocab_rows(tokenizer_vocab, preset)
+    vocab = family.vocab_rows(tokenizer_vocab or family.tokenizer_vocab, preset)
     with torch.device("meta"):
         model = family.build(shape, vocab, "cpu", True)
     return {"params": parameter_count(model), "vocab_rows": vocab,
