@@ -47,18 +47,20 @@ def time_shift(x: torch.Tensor) -> torch.Tensor:
 
 
 class LowRank(nn.Module):
-    """x -> act(x @ down) @ up, the LoRA-shaped projections of the time mix."""
+    """x -> act(down(x)) -> up, the LoRA-shaped projections of the time mix. Linear layers, so that the FLOP
+    count (``matmul_params``) sees them."""
 
     def __init__(self, d_model: int, rank: int, activation=None):
         super().__init__()
-        self.down = nn.Parameter(torch.zeros(d_model, rank))
-        self.up = nn.Parameter(torch.empty(rank, d_model))
-        nn.init.orthogonal_(self.up, gain=0.1)
+        self.down = nn.Linear(d_model, rank, bias=False)
+        self.up = nn.Linear(rank, d_model, bias=False)
+        nn.init.zeros_(self.down.weight)
+        nn.init.orthogonal_(self.up.weight, gain=0.1)
         self.activation = activation
 
     def forward(self, x):
-        hidden = x @ self.down
-        return (self.activation(hidden) if self.activation else hidden) @ self.up
+        hidden = self.down(x)
+        return self.up(self.activation(hidden) if self.activation else hidden)
 
 
 class TimeMix(nn.Module):

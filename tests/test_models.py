@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import mamba.model as mamba_model
 import rwkv.model as rwkv_model
 from rwkv.wkv7 import wkv7_reference
-from training_harness.lm import linear_cross_entropy
+from training_harness.lm import linear_cross_entropy, matmul_params
 from training_harness.registry import FAMILY_MODULES, count_on_meta, get_family
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,3 +222,16 @@ def test_mamba_fused_kernels_match_reference_with_gradients():
     ref.sum().backward()
     for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
         assert relative_error(p.grad, q.grad) < 5e-2, name
+
+
+def test_rwkv_flops_count_every_projection_including_the_low_rank_ones():
+    d_model, layers, vocab = 128, 2, 256
+    model = get_family("rwkv").build({"layers": layers, "d_model": d_model}, vocab, "cpu", False)
+    rank = {name: rwkv_model._lora_rank(d_model, *scale) for name, scale in
+            {"w": (1.8, 0.5), "a": (1.8, 0.5), "v": (1.3, 0.5), "g": (0.6, 0.8)}.items()}
+    time_mix = 4 * d_model * d_model  # receptance, key, value, output
+    channel_mix = 2 * d_model * 4 * d_model
+    low_rank_first = 2 * d_model * (rank["w"] + rank["a"] + rank["g"])  # layer 0 has no value residual
+    low_rank = low_rank_first + 2 * d_model * rank["v"]
+    expected = layers * (time_mix + channel_mix) + low_rank_first + (layers - 1) * low_rank + vocab * d_model
+    assert matmul_params(model) == expected
