@@ -51,9 +51,6 @@ class RankMeasurement:
     backend: dict
     no_window_reason: str | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 class _CudaAllocator:
     """The torch caching allocator's peaks for this process's devices (reset at the window's start)."""

@@ -140,7 +140,8 @@ def test_sampler_thread_starts_samples_and_stops():
     measurement = monitor.stop()
     assert measurement.sample_count >= 5
     assert monitor.sampler._thread is None
-    monitor.sampler.stop()  # idempotent
+    monitor.sampler.stop()  # a second stop neither fails nor samples again
+    assert len(monitor.sampler.samples) == measurement.sample_count
 
 
 def test_cpu_fallback_writes_valid_json_with_null_power(tmp_path):

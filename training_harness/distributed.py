@@ -79,12 +79,3 @@ def wrap(model: nn.Module, context: ProcessContext, fsdp: bool) -> nn.Module:
         return fully_shard(model)
     device_ids = [context.device.index] if context.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def all_reduce_sum(values: list[float], context: ProcessContext) -> list[float]:
-    """Element-wise sum over ranks (identity in a single process)."""
-    if not context.distributed:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
