@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +16,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from efficientllm_metrics import atomic_folder
+
 CHECKPOINT_DIR = "checkpoint"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -29,21 +29,12 @@ def save(output_dir: Path, model: nn.Module, optimizer, scheduler, step: int, wi
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=_FULL) if with_optimizer else None
     if not is_main:
         return
-    final = output_dir / CHECKPOINT_DIR
-    staging = output_dir / f".{CHECKPOINT_DIR}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, staging / "model.safetensors")
-    if optimizer_state is not None:
-        torch.save(optimizer_state, staging / "optimizer.pt")
-    state = {"step": step, "scheduler": scheduler.state_dict(), "has_optimizer": optimizer_state is not None}
-    (staging / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    old = output_dir / f".{CHECKPOINT_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(output_dir / CHECKPOINT_DIR) as staging:
+        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, staging / "model.safetensors")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, staging / "optimizer.pt")
+        state = {"step": step, "scheduler": scheduler.state_dict(), "has_optimizer": optimizer_state is not None}
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
 def exists(output_dir: Path) -> bool:

@@ -14,7 +14,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from efficientllm_metrics import atomic_folder
 from training_harness.errors import EXIT_USAGE, DataError
 from training_harness.tokenization import end_of_text_id, load_tokenizer, tokenizer_name
 
@@ -227,38 +227,30 @@ def prepare(config: PrepareConfig) -> Path:
     vocab_size = len(tokenizer)
     dtype = _token_dtype(config.dtype, vocab_size)
 
-    staging = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # a previous interrupted run
-    staging.mkdir(parents=True)
-    writers = {split: _SplitWriter(staging / f"{split}.bin", dtype) for split in ("train", "val")}
     started = time.perf_counter()
-    try:
-        _tokenize_into(config, tokenizer, eos, writers, started)
-        counts = {split: writer.close() for split, writer in writers.items()}
+    with atomic_folder(output) as staging:
+        writers = {split: _SplitWriter(staging / f"{split}.bin", dtype) for split in ("train", "val")}
+        try:
+            _tokenize_into(config, tokenizer, eos, writers, started)
+        finally:
+            counts = {split: writer.close() for split, writer in writers.items()}
         for split in ("train", "val"):
             if counts[split]["documents"] == 0:
                 raise DataError(f"{config.source}: the {split} split is empty; "
                                 "give more documents or raise --val_fraction")
-    except BaseException:
-        for writer in writers.values():
-            writer.handle.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    meta = {
-        "tokenizer": config.tokenizer,
-        "tokenizer_name": tokenizer_name(config.tokenizer),
-        "vocab_size": vocab_size,
-        "eos_id": eos,
-        "dtype": dtype.name,
-        "splits": counts,
-        "content_sha256": hashlib.sha256((counts["train"]["sha256"] + counts["val"]["sha256"]).encode()).hexdigest(),
-        "arguments": config.fingerprint(),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(output, ignore_errors=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, output)
+        meta = {
+            "tokenizer": config.tokenizer,
+            "tokenizer_name": tokenizer_name(config.tokenizer),
+            "vocab_size": vocab_size,
+            "eos_id": eos,
+            "dtype": dtype.name,
+            "splits": counts,
+            "content_sha256": hashlib.sha256((counts["train"]["sha256"] + counts["val"]["sha256"]).encode())
+            .hexdigest(),
+            "arguments": config.fingerprint(),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return output
 
 
