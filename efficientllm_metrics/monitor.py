@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from efficientllm_metrics.atomic import atomic_file
 from efficientllm_metrics.backend import GpuBackend, open_nvml
 from efficientllm_metrics.formulas import integrate_segments, time_average
 from efficientllm_metrics.sampler import HOST, Sampler
+
+TIMELINE_FILE = "efficientllm_timeline.csv"
 
 
 def default_warmup_iterations(planned_iterations: int, fraction: float = 0.1, minimum: int = 3) -> int:
@@ -234,6 +240,29 @@ class Monitor:
         window_s = sum(end - start for start, end in self._segments)
         return RankMeasurement(window_s=window_s, energy_window_s=self._energy_seconds,
                                gpus=gpus, host_memory_mean_bytes=host, **base)
+
+    def latest_readings(self, fields: tuple[str, ...] = ("memory_used_bytes", "power_w")) -> dict[str, float]:
+        """The newest sample of each field for this process's first GPU (the host on a CPU run)."""
+        device = 0 if self.backend and self.backend.gpus else HOST
+        latest: dict[str, float] = {}
+        for sample in reversed(self.sampler.samples[-10 * len(fields):]):
+            if sample.gpu == device and sample.field in fields:
+                latest.setdefault(sample.field, sample.value)
+        return latest
+
+    def write_timeline(self, folder: str | os.PathLike) -> Path:
+        """Every raw sample as CSV (time_s, rank, gpu UUID or 'host', field, value) in ``folder``: rank 0 writes
+        efficientllm_timeline.csv, rank N efficientllm_timeline_rankN.csv."""
+        name = TIMELINE_FILE if self.rank == 0 else TIMELINE_FILE.replace(".csv", f"_rank{self.rank}.csv")
+        uuids = [gpu.uuid for gpu in self._gpu_infos()]
+        path = Path(folder) / name
+        with atomic_file(path, newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["time_s", "rank", "gpu", "field", "value"])
+            for s in self.sampler.samples:
+                writer.writerow([f"{s.time_s:.6f}", self.rank, uuids[s.gpu] if s.gpu >= 0 else "host", s.field,
+                                 s.value])
+        return path
 
     def _gpu_infos(self):
         return self.backend.gpus if self.backend else []

@@ -1,14 +1,14 @@
-"""Combine the ranks' measurements into the schema-versioned results file, written atomically."""
+"""The results file: its schema (a typed header, then every metric with its provenance), the one function that
+combines the ranks' measurements into it, and the one reader every consumer uses."""
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import os
 import statistics
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from efficientllm_metrics.formulas import (
@@ -20,11 +20,83 @@ from efficientllm_metrics.formulas import (
     tokens_per_param_per_s,
 )
 from efficientllm_metrics.monitor import RankMeasurement
-from efficientllm_metrics.sampler import Sampler
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "efficientllm_metrics.json"
-TIMELINE_FILE = "efficientllm_timeline.csv"
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read: not JSON, not an object, no status, or a schema this code does
+    not know. ``problem`` is the message without the path."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunHeader:
+    """What a results file says about its run before the metrics (schema version 1). None: not known, as
+    for a run that died before it was built."""
+
+    status: str
+    """completed, oom, nan, interrupted or failed."""
+    error: str | None = None
+    model: str
+    display_name: str | None = None
+    size: str
+    preset: str | None = None
+    context: int | None = None
+    steps: int = 0
+    global_batch: int | None = None
+    kernel_path: str | None = None
+    device_name: str | None = None
+    world_size: int | None = None
+    micro_batch_size: int | None = None
+    accumulation_steps: int | None = None
+    activation_checkpointing: bool | None = None
+    compile: bool | None = None
+    attention: str | None = None
+    details: dict = field(default_factory=dict)
+    """Figures of the outcome (memory at an out-of-memory error), written beside ``error``."""
+
+    def as_dict(self) -> dict:
+        fields = dataclasses.asdict(self)
+        details = fields.pop("details")
+        return {"status": fields.pop("status"), "error": fields.pop("error"), **details, **fields}
+
+
+def read_results(path: str | os.PathLike) -> dict:
+    """The results document of a run folder (or file), checked: a JSON object with a status, in the schema
+    this code writes. Raises FileNotFoundError when there is none and ResultsError when it cannot be read."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ResultsError(path, f"not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ResultsError(path, "not a JSON object")
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ResultsError(path, f"schema_version {version!r}; this version of the suite reads {SCHEMA_VERSION} "
+                                 "(collect it with the version that wrote it)")
+    if not isinstance(document.get("status"), str):
+        raise ResultsError(path, "no status")
+    return document
+
+
+def completed_steps(document: dict) -> int | None:
+    """The steps of a completed run, None for any other outcome."""
+    return document.get("steps") if document["status"] == "completed" else None
+
+
+def unmeasured(header: RunHeader, params: int | None) -> dict:
+    """The results document of a run that has no measured window (it failed before or during its start)."""
+    return {"schema_version": SCHEMA_VERSION, **header.as_dict(), "params": params,
+            "provenance": {"reason": header.error}}
 
 
 @dataclass(frozen=True)
@@ -199,9 +271,9 @@ METRICS: dict[str, Callable[[Run], Metric]] = {
 VALIDATION_METRICS: dict[str, Callable[[Run], Metric]] = {"ppl": _ppl, "bpb": _bpb}
 
 
-def summarize(run: Run, header: dict) -> dict:
-    """The results document: ``header`` (status, model, size, ...) plus every metric and its provenance."""
-    doc = {"schema_version": SCHEMA_VERSION, **header, "params": run.params}
+def summarize(run: Run, header: RunHeader) -> dict:
+    """The results document: ``header`` plus every metric and its provenance."""
+    doc = {"schema_version": SCHEMA_VERSION, **header.as_dict(), "params": run.params}
     methods: dict[str, str] = {}
     measured = dict(METRICS) if run.measured else {}
     for name, function in {**measured, **VALIDATION_METRICS}.items():
@@ -249,32 +321,3 @@ def _provenance(run: Run, methods: dict[str, str]) -> dict:
         "combine": "tokens and energy summed over ranks/GPUs; memory mean (AMU) and max (peaks) over GPUs; "
                    "latency from rank 0",
     }
-
-
-def write_json_atomic(path: str | os.PathLike, document: dict) -> None:
-    """Write JSON beside ``path`` and rename over it: a crash leaves the old file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(document, handle, indent=2, allow_nan=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_timeline(path: str | os.PathLike, sampler: Sampler, rank: int, gpu_uuids: list[str]) -> None:
-    """Raw samples, one row each, for plots: time_s,rank,gpu,field,value (gpu 'host' on CPU runs)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["time_s", "rank", "gpu", "field", "value"])
-        for s in sampler.samples:
-            writer.writerow([f"{s.time_s:.6f}", rank, gpu_uuids[s.gpu] if s.gpu >= 0 else "host", s.field, s.value])
-    os.replace(tmp, path)

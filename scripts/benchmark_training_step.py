@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from efficientllm_metrics import write_json_atomic  # noqa: E402
+from efficientllm_metrics import ResultsError, read_results, write_json_atomic  # noqa: E402
 from training_harness.registry import FAMILY_MODULES, SIZES, get_family  # noqa: E402
 from training_harness.sweep import plan_flags  # noqa: E402
 from training_harness.tokenization import tokenizer_name  # noqa: E402
@@ -55,8 +55,8 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
     row = {"family": family, "size": size, "variant": variant, "process_s": round(process_s, 1),
            "command": " ".join(recorded).replace(str(output), "<output>")}
     try:
-        metrics = json.loads((output / "efficientllm_metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        metrics = read_results(output)
+    except (OSError, ResultsError):
         # A crash's cause (a fault handler's stacks) sits above its last lines: keep the whole tail.
         return {**row, "status": f"failed (exit {result.returncode})", "stderr": result.stderr[-20_000:]}
     if metrics.get("params") is None:

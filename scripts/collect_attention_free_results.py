@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from efficientllm_metrics import RESULTS_FILE  # noqa: E402
+from efficientllm_metrics import RESULTS_FILE, ResultsError, read_results  # noqa: E402
 from training_harness.registry import FAMILY_MODULES, SIZES, get_family  # noqa: E402
 
 #: Table metrics: column, header, format, whether lower is better.
@@ -60,15 +60,12 @@ def display_name(model: str) -> str:
 def load_run(folder: Path, model: str, size: str) -> dict:
     """One row: the results file's values, or a status saying why there are none."""
     row = {"model": model, "size": size, "display_name": display_name(model), "reason": ""}
-    path = folder / RESULTS_FILE
-    if not path.exists():
-        return {**row, "status": "missing", "reason": f"no {RESULTS_FILE} in {folder}"}
     try:
-        results = json.loads(path.read_text())
-        if not isinstance(results, dict):
-            raise ValueError("not a JSON object")
-    except (json.JSONDecodeError, ValueError) as error:
-        return {**row, "status": "corrupt", "reason": f"{path.name}: {error}"}
+        results = read_results(folder)
+    except FileNotFoundError:
+        return {**row, "status": "missing", "reason": f"no {RESULTS_FILE} in {folder}"}
+    except ResultsError as error:
+        return {**row, "status": "corrupt", "reason": f"{error.path.name}: {error.problem}"}
     provenance = results.get("provenance") or {}
     methods = provenance.get("methods") or {}
     cross_check = results.get("energy_cross_check") or {}

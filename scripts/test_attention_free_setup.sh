@@ -40,22 +40,9 @@ EXTRA_ARGS="--eval_windows 4 --sample_interval_s 0.05" \
   scripts/run_all_attention_free_experiments.sh dsw "$devices" 10
 
 echo "== 4/5 metrics files"
-"$PYTHON" - "$EXPERIMENT_DIR/results" "$target" <<'PY'
-import json, sys
-from pathlib import Path
-required = ["ppl", "bpb", "amu_gb", "al_s_per_iter", "tt_tokens_per_param_s", "tokens_per_s"]
-if sys.argv[2] == "cuda":
-    required += ["aec_w", "energy_j", "peak_memory_gb", "mfu"]
-bad = []
-for path in sorted(Path(sys.argv[1]).glob("*/efficientllm_metrics.json")):
-    results = json.loads(path.read_text())
-    missing = [key for key in required if results.get(key) is None]
-    status = "ok" if results["status"] == "completed" and not missing else f"FAIL {results['status']} {missing}"
-    print(f"  {path.parent.name}: {status} (PPL {results.get('ppl')}, AL {results.get('al_s_per_iter')})")
-    if status != "ok":
-        bad.append(path)
-sys.exit(1 if bad else 0)
-PY
+required=ppl,bpb,amu_gb,al_s_per_iter,tt_tokens_per_param_s,tokens_per_s
+[[ $target == cuda ]] && required=$required,aec_w,energy_j,peak_memory_gb,mfu
+"$PYTHON" -m training_harness.sweep check "$EXPERIMENT_DIR/results" --require "$required"
 
 echo "== 5/5 tables"
 "$PYTHON" scripts/collect_attention_free_results.py --results_dir "$EXPERIMENT_DIR/results" \

@@ -7,15 +7,22 @@ import time
 import pytest
 
 from efficientllm_metrics import (
+    SCHEMA_VERSION,
     GpuInfo,
     Monitor,
+    ResultsError,
     Run,
+    RunHeader,
     Validation,
+    atomic_folder,
     default_warmup_iterations,
+    read_results,
     summarize,
     write_json_atomic,
 )
 from efficientllm_metrics.formulas import integrate, model_flops_utilization
+
+COMPLETED = RunHeader(status="completed", model="toy", size="0.5B")
 
 
 class FakeClock:
@@ -69,7 +76,7 @@ def test_exact_metrics_on_synthetic_timeline():
     monitor, measurement = run_fake_training(clock, FakeGpu(clock))
     # Warm-up: 2 iterations of 10 s, so the window is [20, 24]; memory is 3 GB throughout.
     doc = summarize(Run([measurement], params=1000, flops_per_token=6000.0,
-                        validation=Validation(math.log(20.0), tokens=50, utf8_bytes=200)), {"status": "completed"})
+                        validation=Validation(math.log(20.0), tokens=50, utf8_bytes=200)), COMPLETED)
     assert doc["window_s"] == pytest.approx(4.0)
     assert doc["al_s_per_iter"] == pytest.approx(1.0)
     assert doc["tokens"] == 400
@@ -113,7 +120,7 @@ def test_default_warmup_is_ten_percent_at_least_three():
 def test_run_shorter_than_warmup_reports_null_with_reason():
     clock = FakeClock()
     _, measurement = run_fake_training(clock, FakeGpu(clock), iterations=2, warmup=3)
-    doc = summarize(Run([measurement], 1000, None, None), {"status": "completed"})
+    doc = summarize(Run([measurement], 1000, None, None), COMPLETED)
     assert doc["al_s_per_iter"] is None and doc["amu_gb"] is None
     assert "warm-up" in doc["provenance"]["methods"]["al_s_per_iter"]
 
@@ -127,7 +134,7 @@ def test_sampler_survives_nvml_error_mid_run():
     assert "GPU_IS_LOST" in health["first_error"]["power_w@0"]
     # Memory kept being sampled, so AMU stands; power did not cover the window.
     assert measurement.gpus[0].memory_mean_bytes == pytest.approx(3e9)
-    doc = summarize(Run([measurement], 1000, None, None), {"status": "completed"})
+    doc = summarize(Run([measurement], 1000, None, None), COMPLETED)
     assert doc["aec_w"] is None
     assert "sample" in doc["provenance"]["methods"]["aec_w"]
 
@@ -150,7 +157,7 @@ def test_cpu_fallback_writes_valid_json_with_null_power(tmp_path):
     for _ in range(4):
         time.sleep(0.03)
         monitor.iteration_done(64)
-    doc = summarize(Run([monitor.stop()], 10_000, 1e5, None), {"status": "completed"})
+    doc = summarize(Run([monitor.stop()], 10_000, 1e5, None), COMPLETED)
     path = tmp_path / "efficientllm_metrics.json"
     write_json_atomic(path, doc)
     loaded = json.loads(path.read_text())
@@ -214,3 +221,44 @@ def test_paused_evaluation_is_outside_the_window():
 def test_mfu_unknown_gpu_is_null_with_reason():
     value, reason = model_flops_utilization(1e9, 1e3, ["Mystery GPU"])
     assert value is None and "Mystery GPU" in reason
+
+
+def test_results_round_trip_through_the_one_reader(tmp_path):
+    clock = FakeClock()
+    _, measurement = run_fake_training(clock, FakeGpu(clock))
+    header = RunHeader(status="oom", error="CUDA out of memory", details={"memory_reserved_gb": 79.5},
+                       model="toy", size="3B", steps=7)
+    write_json_atomic(tmp_path / "efficientllm_metrics.json", summarize(Run([measurement], 1000, None, None), header))
+    document = read_results(tmp_path)  # a run folder or the file itself
+    assert document == read_results(tmp_path / "efficientllm_metrics.json")
+    assert (document["status"], document["error"], document["memory_reserved_gb"]) == ("oom", "CUDA out of memory",
+                                                                                         79.5)
+    assert (document["model"], document["size"], document["steps"]) == ("toy", "3B", 7)
+    assert document["schema_version"] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"schema_version": 99, "status": "completed"}', "schema_version 99"),
+    ('{"status": "completed"}', "schema_version None"),
+    ('[1, 2]', "not a JSON object"),
+    ('{"schema_version": 1, "status": "compl', "not valid JSON"),
+    ('{"schema_version": 1}', "no status"),
+])
+def test_unreadable_results_raise_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "efficientllm_metrics.json"
+    path.write_text(content)
+    with pytest.raises(ResultsError, match=message):
+        read_results(path)
+    with pytest.raises(FileNotFoundError):
+        read_results(tmp_path / "elsewhere")
+
+
+def test_interrupted_folder_write_leaves_previous_folder_intact(tmp_path):
+    target = tmp_path / "checkpoint"
+    with atomic_folder(target) as staging:
+        (staging / "weights").write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_folder(target) as staging:
+        (staging / "weights").write_text("new, half written")
+        raise KeyboardInterrupt
+    assert (target / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

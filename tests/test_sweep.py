@@ -143,3 +143,16 @@ def test_dlc_needs_the_cluster_environment(tmp_path):
                              "cuda:0,1", "10"], capture_output=True, text=True, timeout=60, cwd=ROOT,
                             env={**env, "EXPERIMENT_DIR": str(tmp_path)})
     assert result.returncode != 0 and "dlc needs NNODES or WORLD_SIZE" in result.stderr
+
+
+def test_collector_reports_an_unknown_schema_per_run_and_still_writes_the_tables(tmp_path):
+    results = tmp_path / "results"
+    for name, document in {"qwen_0.5B": completed("qwen", "0.5B", 494_032_768, 20.5, 30.2, 0.9, 150.0, 650.0),
+                           "mamba_0.5B": {**completed("mamba", "0.5B", 1, 1, 1, 1, 1, 1), "schema_version": 2}
+                           }.items():
+        (results / name).mkdir(parents=True)
+        (results / name / "efficientllm_metrics.json").write_text(json.dumps(document))
+    frame = collector.collect(results, tmp_path / "tables", None).set_index("model")
+    assert frame.loc["qwen", "status"] == "completed"
+    assert frame.loc["mamba", "status"] == "corrupt" and "schema_version 2" in frame.loc["mamba", "reason"]
+    assert "schema\\_version 2" in (tmp_path / "tables" / "attention_free_table.tex").read_text()

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from efficientllm_metrics import RESULTS_FILE, SCHEMA_VERSION, write_json_atomic
+from efficientllm_metrics import RESULTS_FILE, ResultsError, RunHeader, read_results, unmeasured, write_json_atomic
 from training_harness.config import SPEC_GLOBAL_BATCH, TrainConfig
 from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, get_family
 from training_harness.tokenization import tokenizer_name
@@ -75,26 +75,44 @@ def generate(models: list[str], sizes: list[str], preset: str, max_steps: int, s
 
 
 def run_status(results_dir: Path, max_steps: int) -> str:
-    """'completed' when the run finished at least ``max_steps``; else its status, or 'missing'."""
+    """'completed' when the run finished at least ``max_steps``; else its status, 'missing' or 'corrupt'."""
     try:
-        results = json.loads((results_dir / RESULTS_FILE).read_text())
+        results = read_results(results_dir)
     except FileNotFoundError:
         return "missing"
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ResultsError):
         return "corrupt"
-    if results.get("status") == "completed" and (results.get("steps") or 0) < max_steps:
+    if results["status"] == "completed" and (results.get("steps") or 0) < max_steps:
         return "shorter"
-    return results.get("status", "corrupt")
+    return results["status"]
 
 
 def record_crash(results_dir: Path, name: str, exit_code: int, log: str) -> None:
     """A run that died without writing its results (a segfault, a killed process) still gets a row."""
-    path = results_dir / RESULTS_FILE
     if run_status(results_dir, 0) not in ("missing", "corrupt"):
         return  # the run wrote its own outcome
     model, _, size = name.partition("_")
-    write_json_atomic(path, {"schema_version": SCHEMA_VERSION, "status": "failed", "model": model, "size": size,
-                             "error": f"process exited with code {exit_code} without results; see {log}"})
+    header = RunHeader(status="failed", error=f"process exited with code {exit_code} without results; see {log}",
+                       model=model, size=size)
+    write_json_atomic(results_dir / RESULTS_FILE, unmeasured(header, None))
+
+
+def check_results(results_root: Path, required: list[str]) -> list[str]:
+    """One line per run folder under ``results_root``: ok, or what is wrong (not completed, unreadable, a
+    required metric null). Lines of bad runs start with FAIL."""
+    lines = []
+    for folder in sorted(path for path in results_root.iterdir() if path.is_dir()):
+        try:
+            results = read_results(folder)
+        except (OSError, ResultsError) as error:
+            lines.append(f"FAIL {folder.name}: {error}")
+            continue
+        missing = [key for key in required if results.get(key) is None]
+        if results["status"] != "completed" or missing:
+            lines.append(f"FAIL {folder.name}: {results['status']} {results.get('error') or ''} null: {missing}")
+        else:
+            lines.append(f"ok {folder.name}: PPL {results.get('ppl'):.1f}, AL {results.get('al_s_per_iter'):.3f} s")
+    return lines or [f"FAIL {results_root}: no run folders"]
 
 
 def _csv(text: str) -> list[str]:
@@ -125,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     crash.add_argument("name")
     crash.add_argument("exit_code", type=int)
     crash.add_argument("log")
+    check = commands.add_parser("check", help="check every run's results; exit 1 if any is not completed or "
+                                              "lacks a required metric")
+    check.add_argument("results_root", type=Path)
+    check.add_argument("--require", default="ppl,bpb,amu_gb,al_s_per_iter,tt_tokens_per_param_s,tokens_per_s",
+                       help="metrics that must not be null")
     model_of = commands.add_parser("model", help="print the family a config trains")
     model_of.add_argument("config", type=Path)
     args = parser.parse_args(argv)
@@ -145,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         print(run_status(args.results_dir, args.max_steps))
     elif args.command == "record-crash":
         record_crash(args.results_dir, args.name, args.exit_code, args.log)
+    elif args.command == "check":
+        lines = check_results(args.results_root, _csv(args.require))
+        print("\n".join(f"  {line}" for line in lines))
+        return 1 if any(line.startswith("FAIL") for line in lines) else 0
     else:
         print(json.loads(args.config.read_text())["model"])
     return 0
