@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
-import platform
 import signal
 import sys
 import time
@@ -13,21 +12,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from efficientllm_metrics import (
     RESULTS_FILE,
-    SCHEMA_VERSION,
-    TIMELINE_FILE,
     Monitor,
+    RankMeasurement,
+    ResultsError,
     Run,
+    RunHeader,
     Validation,
+    completed_steps,
     default_warmup_iterations,
     gather_measurements,
+    read_results,
     summarize,
+    unmeasured,
     write_json_atomic,
-    write_timeline,
 )
 from training_harness import checkpoint, distributed
 from training_harness.config import TrainConfig
@@ -35,9 +35,8 @@ from training_harness.data import TokenWindows, resolve_data_path
 from training_harness.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM, ConfigError
 from training_harness.lm import no_weight_decay, parameter_count
 from training_harness.registry import get_family
-
-LOG_FILE = "log.jsonl"
-CONFIG_FILE = "config.json"
+from training_harness.run_description import CONFIG_FILE, RunDescription, git_state, versions
+from training_harness.run_log import LOG_FILE, RunLog
 
 
 class NonFiniteLoss(RuntimeError):
@@ -73,14 +72,12 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def completed_steps(output_dir: Path) -> int | None:
-    """Steps of a completed run in ``output_dir``, or None."""
-    path = output_dir / RESULTS_FILE
+def steps_done(output_dir: Path) -> int | None:
+    """Steps of a completed run in ``output_dir``, or None (no run, another outcome, or unreadable results)."""
     try:
-        results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return completed_steps(read_results(output_dir))
+    except (OSError, ResultsError):
         return None
-    return results.get("steps") if results.get("status") == "completed" else None
 
 
 def lr_schedule(config: TrainConfig):
@@ -133,31 +130,30 @@ def evaluate(model, windows: TokenWindows, config: TrainConfig, micro_batch: int
     return Validation(loss_sum / tokens, tokens, round(tokens * windows.utf8_bytes_per_token()))
 
 
-def versions() -> dict:
-    found = {"python": platform.python_version(), "torch": torch.__version__,
-             "cuda": torch.version.cuda, "platform": platform.platform()}
-    for package in ("transformers", "mamba_ssm", "causal_conv1d", "fla", "triton"):
-        module = sys.modules.get(package)
-        if module is None:
-            with contextlib.suppress(ImportError):
-                module = __import__(package)
-        found[package] = getattr(module, "__version__", None) if module else None
-    return found
-
-
 class Trainer:
-    """One run: set up everything, then ``run()`` returns an Outcome and has written every output."""
+    """One run: ``setup()`` builds everything and returns the run's description; ``run()`` trains under the
+    monitor and returns an Outcome; ``finish()`` validates and checkpoints a completed run."""
 
     def __init__(self, config: TrainConfig, context: distributed.ProcessContext):
         self.config = config
         self.context = context
         self.output = Path(config.output_dir)
         self.family = get_family(config.model)
+        self.log = RunLog(self.output, f"{self.family.name} {config.model_size}", context.is_main)
+        self.description: RunDescription | None = None
         self.validation: Validation | None = None
         self.step = 0
 
+    @property
+    def micro_batch(self) -> int:
+        return self.description.micro_batch_size
+
+    @property
+    def accumulation(self) -> int:
+        return self.description.accumulation_steps
+
     # -------------------------------------------------------------------------------------------- setup
-    def setup(self) -> None:
+    def setup(self) -> RunDescription:
         config, context = self.config, self.context
         tokenizer = config.tokenizer or self.family.default_tokenizer
         if context.is_main:  # one process prepares a raw file; the others wait and reuse it
@@ -168,20 +164,27 @@ class Trainer:
         self.train_windows = TokenWindows(data_dir, "train", config.seq_len)
         self.val_windows = TokenWindows(data_dir, "val", config.seq_len)
         meta = self.train_windows.meta
-        self.micro_batch, self.accumulation = config.batch_plan(context.world_size)
+        micro_batch, accumulation = config.batch_plan(context.world_size)
         shape = self.family.shape(config.model_size, config.preset)
-        self.vocab_rows = self.family.vocab_rows(meta["vocab_size"], config.preset)
+        vocab_rows = self.family.vocab_rows(meta["vocab_size"], config.preset)
 
         if config.attention != "auto" and not context.cuda_indices:
             raise ConfigError(f"--attention {config.attention} picks a CUDA kernel; use auto on {context.device}")
         torch.manual_seed(config.seed)
         with torch.device(context.device):
-            model = self.family.build(shape, self.vocab_rows, context.device.type, config.allow_slow_kernels)
+            model = self.family.build(shape, vocab_rows, context.device.type, config.allow_slow_kernels)
         if config.precision == "bf16":
             model = model.to(torch.bfloat16)
-        self.kernel_path = model.kernel_path
-        self.params = parameter_count(model)
-        self.flops_per_token = self.family.flops_per_token(model, shape, config.seq_len)
+        self.description = RunDescription(
+            family=self.family.name, display_name=self.family.display_name, size=config.model_size,
+            preset=config.preset, shape=shape, params=parameter_count(model), vocab_rows=vocab_rows,
+            flops_per_token=self.family.flops_per_token(model, shape, config.seq_len),
+            kernel_path=model.kernel_path, context=config.seq_len, global_batch=config.global_batch,
+            micro_batch_size=micro_batch, accumulation_steps=accumulation, world_size=context.world_size,
+            device=str(context.device),
+            device_name=torch.cuda.get_device_name(context.device) if context.cuda_indices else "cpu",
+            data={key: meta[key] for key in ("tokenizer", "vocab_size", "eos_id", "content_sha256")},
+            versions=versions(), git=git_state(), config=config.to_dict())
         if config.compile:
             model.compile_regions()
         if config.activation_checkpointing:
@@ -195,38 +198,24 @@ class Trainer:
         if config.resume and checkpoint.exists(self.output):
             self.step, restored = checkpoint.load(self.output, self.model, self.optimizer, self.scheduler)
             if not restored:
-                self._say("resuming without AdamW state (checkpoint saved without --save_optimizer)")
-            self._say(f"resumed from step {self.step}")
-        self.shape = shape
-        self.data_meta = meta
+                self.log.say("resuming without AdamW state (checkpoint saved without --save_optimizer)")
+            self.log.say(f"resumed from step {self.step}")
         if context.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-            self._truncate_log()
-            write_json_atomic(self.output / CONFIG_FILE, self._run_description())
+            self.log.keep_until(self.step)
+            write_json_atomic(self.output / CONFIG_FILE, self.description.as_dict())
+        return self.description
 
-    def _run_description(self) -> dict:
-        return {
-            "config": self.config.to_dict(), "family": self.family.name, "shape": self.shape,
-            "params": self.params, "vocab_rows": self.vocab_rows, "flops_per_token": self.flops_per_token,
-            "kernel_path": self.kernel_path, "world_size": self.context.world_size,
-            "micro_batch_size": self.micro_batch, "accumulation_steps": self.accumulation,
-            "device": str(self.context.device),
-            "device_name": torch.cuda.get_device_name(self.context.device) if self.context.cuda_indices else "cpu",
-            "data": {key: self.data_meta[key] for key in ("tokenizer", "vocab_size", "eos_id", "content_sha256")},
-            "versions": versions(),
-        }
-
-    def _truncate_log(self) -> None:
-        """Drop log records past the checkpoint: those steps are about to be redone."""
-        path = self.output / LOG_FILE
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def _say(self, message: str) -> None:
-        if self.context.is_main:
-            tqdm.write(f"[{self.family.name} {self.config.model_size}] {message}", file=sys.stderr)
+    def header(self, outcome: Outcome) -> RunHeader:
+        """The results header: the description's, or the config's alone when setup did not get that far."""
+        if self.description is not None:
+            return self.description.header(outcome.status, outcome.error, self.step, outcome.details)
+        config = self.config
+        return RunHeader(status=outcome.status, error=outcome.error, details=outcome.details, model=config.model,
+                         display_name=self.family.display_name, size=config.model_size, preset=config.preset,
+                         context=config.seq_len, steps=self.step, global_batch=config.global_batch,
+                         activation_checkpointing=config.activation_checkpointing, compile=config.compile,
+                         attention=config.attention)
 
     # -------------------------------------------------------------------------------------------- loop
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,14 +245,9 @@ class Trainer:
         self.scheduler.step()
         return loss_sum, grad_norm
 
-    def run(self, monitor: Monitor, stop: StopRequest, writer: SummaryWriter | None) -> Outcome:
+    def run(self, monitor: Monitor, stop: StopRequest) -> Outcome:
         config = self.config
-        tokens_per_step = self.micro_batch * self.accumulation * config.seq_len
-        # Rank 0 only; disable=None hides the bar when stderr is not a terminal (logs of the sweep), which
-        # then get a plain line at the first step (the cold start) and every tenth of the run.
-        progress = tqdm(total=config.max_steps, initial=self.step, disable=None if self.context.is_main else True,
-                        desc=f"{self.family.name} {config.model_size}", unit="step")
-        log_every = max(1, config.max_steps // 10)
+        self.log.open(self.step, config.max_steps)
         monitor.start()
         first_step = True
         last_boundary = time.perf_counter()
@@ -283,25 +267,19 @@ class Trainer:
                 self._halve_micro_batch()
                 continue
             first_step = False
+            tokens_per_step = self.micro_batch * self.accumulation * config.seq_len
             monitor.iteration_done(tokens_per_step)
             self.step += 1
             now = time.perf_counter()
             loss = (loss_sum / self.accumulation).item()  # the devices are synchronized: no stall here
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss is {loss} at step {self.step}")
-            record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "step_s": now - last_boundary,
-                      "tokens_per_s": tokens_per_step * self.context.world_size / (now - last_boundary)}
-            last_boundary = now
-            self._log(record, writer, monitor)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            if progress.disable and (self.step % log_every == 0 or self.step == 1):
-                self._say(f"step {self.step}/{config.max_steps}: loss {loss:.3f}, {record['step_s']:.2f} s, "
-                          f"{record['tokens_per_s']:,.0f} tokens/s")
-            self._between_steps(monitor, writer)
+            self.log.step({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                           "grad_norm": float(grad_norm), "step_s": now - last_boundary,
+                           "tokens_per_s": tokens_per_step * self.context.world_size / (now - last_boundary)},
+                          monitor.latest_readings())
+            self._between_steps(monitor)
             last_boundary = time.perf_counter()
-        progress.close()
         return Outcome("completed", 0)
 
     def _may_halve_micro_batch(self, first_step: bool) -> bool:
@@ -314,12 +292,14 @@ class Trainer:
         if self.context.cuda_indices:
             torch.cuda.empty_cache()
         per_rank, failed = self.micro_batch * self.accumulation, self.micro_batch
-        self.micro_batch = max(size for size in range(1, failed) if per_rank % size == 0)
-        self.accumulation = per_rank // self.micro_batch
-        self._say(f"micro-batch {failed} ran out of memory; retrying the first step as {self.micro_batch} "
-                  f"sequences x {self.accumulation} accumulation steps")
+        micro_batch = max(size for size in range(1, failed) if per_rank % size == 0)
+        self.description = dataclasses.replace(self.description, micro_batch_size=micro_batch,
+                                               accumulation_steps=per_rank // micro_batch)
+        write_json_atomic(self.output / CONFIG_FILE, self.description.as_dict())  # one process: it is rank 0
+        self.log.say(f"micro-batch {failed} ran out of memory; retrying the first step as {self.micro_batch} "
+                     f"sequences x {self.accumulation} accumulation steps")
 
-    def _between_steps(self, monitor: Monitor, writer) -> None:
+    def _between_steps(self, monitor: Monitor) -> None:
         """Periodic evaluation and checkpoints, paused out of the measured window."""
         config = self.config
         evaluate_now = config.eval_interval and self.step % config.eval_interval == 0 and self.step < config.max_steps
@@ -330,34 +310,16 @@ class Trainer:
         monitor.pause()
         if evaluate_now:
             validation = evaluate(self.model, self.val_windows, config, self.micro_batch, self.context.device)
-            self._log({"step": self.step, "val_loss": validation.mean_loss_nats}, writer, None)
+            self.log.validation(self.step, validation.mean_loss_nats)
         if save_now:
             checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
                             config.save_optimizer, self.context.is_main)
         monitor.resume()
 
-    def _log(self, record: dict, writer, monitor: Monitor | None) -> None:
-        if not self.context.is_main:
-            return
-        with open(self.output / LOG_FILE, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if writer is None:
-            return
-        for key, value in record.items():
-            if key != "step":
-                writer.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, record["step"])
-        if monitor is not None:
-            latest = {}
-            for sample in reversed(monitor.sampler.samples[-20:]):
-                if sample.field in ("memory_used_bytes", "power_w") and sample.gpu <= 0:
-                    latest.setdefault(sample.field, sample.value)
-            for name, value in latest.items():
-                writer.add_scalar(f"device/{name}", value, record["step"])
-
     def finish(self) -> None:
         """Final validation and checkpoint of a completed run."""
         self.validation = evaluate(self.model, self.val_windows, self.config, self.micro_batch, self.context.device)
-        self._log({"step": self.step, "val_loss": self.validation.mean_loss_nats}, None, None)
+        self.log.validation(self.step, self.validation.mean_loss_nats)
         if self.config.final_checkpoint:
             checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
                             self.config.save_optimizer, self.context.is_main)
@@ -375,7 +337,7 @@ def oom_details(context: distributed.ProcessContext) -> dict:
 def train(config: TrainConfig) -> int:
     """Run one configuration end to end; returns the process exit code."""
     output = Path(config.output_dir)
-    done = completed_steps(output)
+    done = steps_done(output)
     if done is not None and done >= config.max_steps:
         print(f"{output}: already completed ({done} steps); nothing to do", file=sys.stderr)
         return 0
@@ -385,19 +347,17 @@ def train(config: TrainConfig) -> int:
         return EXIT_FAILED
     context = distributed.setup(config.device)
     trainer = Trainer(config, context)
-    monitor = None
-    writer = None
+    monitor: Monitor | None = None
+    measurement: RankMeasurement | None = None
     try:
         trainer.setup()
-        planned = config.max_steps - trainer.step
         warmup = config.warmup_iterations
         if warmup is None:
-            warmup = default_warmup_iterations(planned)
+            warmup = default_warmup_iterations(config.max_steps - trainer.step)
         monitor = Monitor(context.cuda_indices, warmup, config.sample_interval_s, context.rank)
-        writer = SummaryWriter(str(output / "tensorboard")) if context.is_main else None
         with StopRequest() as stop:
-            outcome = trainer.run(monitor, stop, writer)
-            monitor.stop()  # the window ends before the final evaluation
+            outcome = trainer.run(monitor, stop)
+            measurement = monitor.stop()  # the window ends before the final evaluation
             if outcome.status == "completed":
                 trainer.finish()
     except torch.cuda.OutOfMemoryError as error:
@@ -406,12 +366,11 @@ def train(config: TrainConfig) -> int:
         outcome = Outcome("nan", EXIT_NAN, str(error))
     except Exception as error:  # recorded in the results, then re-raised for the traceback
         outcome = Outcome("failed", EXIT_FAILED, f"{type(error).__name__}: {error}")
-        _write_results(trainer, config, context, monitor, outcome)
+        _write_results(trainer, monitor, measurement, outcome)
         raise
     finally:
-        if writer is not None:
-            writer.close()
-    _write_results(trainer, config, context, monitor, outcome)
+        trainer.log.close()
+    _write_results(trainer, monitor, measurement, outcome)
     distributed.teardown()
     if outcome.error:
         print(f"{outcome.status}: {outcome.error}", file=sys.stderr)
@@ -420,34 +379,21 @@ def train(config: TrainConfig) -> int:
     return outcome.exit_code
 
 
-def _write_results(trainer: Trainer, config: TrainConfig, context, monitor: Monitor | None,
+def _write_results(trainer: Trainer, monitor: Monitor | None, measurement: RankMeasurement | None,
                    outcome: Outcome) -> None:
     """Every rank hands its measurement to rank 0, which writes the one results file."""
-    measurements = gather_measurements(monitor.stop()) if monitor is not None else None
     if monitor is not None:
-        name = TIMELINE_FILE if context.rank == 0 else TIMELINE_FILE.replace(".csv", f"_rank{context.rank}.csv")
-        uuids = [gpu.uuid for gpu in (monitor.backend.gpus if monitor.backend else [])]
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        write_timeline(Path(config.output_dir) / name, monitor.sampler, context.rank, uuids)
-    if not context.is_main:
+        measurement = measurement or monitor.stop()  # a run that raised has not stopped its monitor yet
+        monitor.write_timeline(trainer.output)
+    measurements = gather_measurements(measurement) if measurement is not None else None
+    if not trainer.context.is_main:
         return
-    header = {
-        "status": outcome.status, "error": outcome.error, **outcome.details,
-        "model": config.model, "display_name": trainer.family.display_name, "size": config.model_size,
-        "preset": config.preset, "context": config.seq_len, "steps": trainer.step,
-        "global_batch": config.global_batch, "kernel_path": getattr(trainer, "kernel_path", None),
-        "device_name": torch.cuda.get_device_name(context.device) if context.cuda_indices else "cpu",
-        "world_size": context.world_size, "micro_batch_size": getattr(trainer, "micro_batch", None),
-        "accumulation_steps": getattr(trainer, "accumulation", None),
-        "activation_checkpointing": config.activation_checkpointing, "compile": config.compile,
-        "attention": config.attention,
-    }
-    params = getattr(trainer, "params", None)
-    if measurements is None or params is None:
-        document = {"schema_version": SCHEMA_VERSION, **header, "params": params,
-                    "provenance": {"reason": outcome.error}}
+    header = trainer.header(outcome)
+    description = trainer.description
+    if measurements is None or description is None:
+        document = unmeasured(header, description.params if description else None)
     else:
         reason = "validation not run: the run did not complete" if trainer.validation is None else ""
-        run = Run(measurements, params, trainer.flops_per_token, trainer.validation, reason)
+        run = Run(measurements, description.params, description.flops_per_token, trainer.validation, reason)
         document = summarize(run, header)
-    write_json_atomic(Path(config.output_dir) / RESULTS_FILE, document)
+    write_json_atomic(trainer.output / RESULTS_FILE, document)

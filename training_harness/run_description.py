@@ -1,0 +1,87 @@
+"""One run, described once: what trains, on what, from which data and code. Written to config.json and
+repeated in the header of the results file."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from efficientllm_metrics import RunHeader
+
+CONFIG_FILE = "config.json"
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunDescription:
+    """Everything needed to rerun and to read a run: ``config`` holds every flag; the rest is what the flags
+    resolved to on this machine."""
+
+    family: str
+    display_name: str
+    size: str
+    preset: str
+    shape: dict
+    params: int
+    vocab_rows: int
+    flops_per_token: float
+    """Training FLOPs per token (6 x matmul weights + the family's sequence-mixing term), for MFU."""
+    kernel_path: str
+    context: int
+    global_batch: int
+    micro_batch_size: int
+    accumulation_steps: int
+    world_size: int
+    device: str
+    device_name: str
+    data: dict
+    """The prepared data's tokenizer, vocabulary, EOS id and content hash."""
+    versions: dict
+    git: dict
+    """The checkout's commit and whether its tree had changes, or the reason they are unknown."""
+    config: dict
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def header(self, status: str, error: str | None, steps: int, details: dict | None = None) -> RunHeader:
+        """The results file's header for this run's outcome."""
+        return RunHeader(
+            status=status, error=error, details=details or {}, model=self.family, display_name=self.display_name,
+            size=self.size, preset=self.preset, context=self.context, steps=steps, global_batch=self.global_batch,
+            kernel_path=self.kernel_path, device_name=self.device_name, world_size=self.world_size,
+            micro_batch_size=self.micro_batch_size, accumulation_steps=self.accumulation_steps,
+            activation_checkpointing=self.config["activation_checkpointing"], compile=self.config["compile"],
+            attention=self.config["attention"])
+
+
+def versions() -> dict:
+    """Python, torch, CUDA, the platform and each kernel library that is importable here."""
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "cuda": torch.version.cuda, "platform": platform.platform()}
+    for package in ("transformers", "mamba_ssm", "causal_conv1d", "fla", "triton"):
+        module = sys.modules.get(package)
+        if module is None:
+            with contextlib.suppress(ImportError):
+                module = __import__(package)
+        found[package] = getattr(module, "__version__", None) if module else None
+    return found
+
+
+def git_state() -> dict:
+    """{"commit", "dirty"} of the checkout the code runs from, or {"commit": None, "reason"} outside one."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=_CHECKOUT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError) as error:
+        return {"commit": None, "reason": f"not a git checkout, or git unavailable ({type(error).__name__})"}
