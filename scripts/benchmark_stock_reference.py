@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training_harness.config import SPEC_GLOBAL_BATCH  # noqa: E402
 from training_harness.profiling import profile_steps  # noqa: E402
-from training_harness.registry import FAMILY_MODULES, SIZES, get_family  # noqa: E402
+from training_harness.registry import SIZES, family_names, get_family  # noqa: E402
 from training_harness.sweep import gpu_plan  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=sorted(FAMILY_MODULES))
+    parser.add_argument("--family", required=True, choices=sorted(family_names()))
     parser.add_argument("--size", default="0.5B", choices=SIZES)
     parser.add_argument("--micro_batch_size", type=int, default=None, help="default: the sweep's GPU plan")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps; the first is not timed")

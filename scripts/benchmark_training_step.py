@@ -7,7 +7,7 @@
 Each family x size x variant runs the real training script in a fresh process (so the first step is
 cold: compilation and autotuning included) at the spec's global batch; a variant is a name and the
 training flags it adds (default: one variant, "plan", the sweep's plan for that family and size:
-training_harness/sweep.py's GPU_PLAN, compiled). --stock also times the family's stock implementation
+each family's ``gpu_plan``, compiled). --stock also times the family's stock implementation
 (scripts/benchmark_stock_reference.py, paper shapes) at the first variant's micro-batch and at micro-batch
 1, each in a fresh process, and the speed-up compares equal micro-batches and equal tokens per optimizer
 step. --rounds repeats the whole sequence, so every figure has a spread. Prints one table and writes the
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from efficientllm_metrics import ResultsError, read_results, write_json_atomic  # noqa: E402
-from training_harness.registry import FAMILY_MODULES, SIZES, get_family  # noqa: E402
+from training_harness.registry import SIZES, family_names, get_family  # noqa: E402
 from training_harness.sweep import plan_flags  # noqa: E402
 from training_harness.tokenization import tokenizer_name  # noqa: E402
 
@@ -113,7 +113,7 @@ def main() -> int:
     parser.add_argument("--qwen_data", default=default_data["qwen"], help="prepared with the Qwen2.5 tokenizer")
     parser.add_argument("--neox_data", default=default_data["pythia"],
                         help="prepared with the GPT-NeoX-20B tokenizer (Pythia, Mamba, RWKV)")
-    parser.add_argument("--families", default=",".join(FAMILY_MODULES))
+    parser.add_argument("--families", default=",".join(family_names()))
     parser.add_argument("--sizes", default="0.5B")
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--steps", type=int, default=12)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from efficientllm_metrics import RESULTS_FILE, ResultsError, read_results  # noqa: E402
-from training_harness.registry import FAMILY_MODULES, SIZES, get_family  # noqa: E402
+from training_harness.registry import SIZES, family_names, get_family  # noqa: E402
 
 #: Table metrics: column, header, format, whether lower is better.
 TABLE_METRICS = [
@@ -43,18 +43,11 @@ CSV_COLUMNS = ["model", "display_name", "size", "preset", "status", "reason", "p
                "allocator_peak_allocated_gb", "al_s_per_iter", "al_p90_s", "tt_tokens_per_param_s", "tokens_per_s",
                "aec_w", "energy_j", "energy_j_per_token", "mfu", "tokens", "window_s", "measured_iterations",
                "warmup_iterations", "energy_integral_over_counter"]
-#: The study's published ranks (1 = best), spec.md.
-PUBLISHED_RANKS = {
-    "qwen": {"ppl": 1, "amu_gb": 4, "al_s_per_iter": 4, "tt_tokens_per_param_s": 1, "aec_w": 4},
-    "mamba": {"ppl": 2, "amu_gb": 1, "al_s_per_iter": 1, "tt_tokens_per_param_s": 4, "aec_w": 1},
-    "pythia": {"ppl": 4, "amu_gb": 3, "al_s_per_iter": 3, "tt_tokens_per_param_s": 3, "aec_w": 3},
-    "rwkv": {"ppl": 3, "amu_gb": 2, "al_s_per_iter": 2, "tt_tokens_per_param_s": 2, "aec_w": 2},
-}
 MIN_WINDOW_ITERATIONS, MIN_WINDOW_S = 30, 30.0
 
 
 def display_name(model: str) -> str:
-    return get_family(model).display_name if model in FAMILY_MODULES else model
+    return get_family(model).display_name if model in family_names() else model
 
 
 def load_run(folder: Path, model: str, size: str) -> dict:
@@ -94,7 +87,7 @@ def discover(results_dir: Path, configs_dir: Path | None) -> list[tuple[Path, st
     for name in names:
         model, _, size = name.partition("_")
         runs.append((results_dir / name, model, size))
-    order = {m: i for i, m in enumerate(FAMILY_MODULES)}
+    order = {m: i for i, m in enumerate(family_names())}
     return sorted(runs, key=lambda r: (SIZES.index(r[2]) if r[2] in SIZES else 99, order.get(r[1], 99), r[1]))
 
 
@@ -176,22 +169,28 @@ def to_latex(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def published_rank(model: str, key: str) -> str:
+    ranks = get_family(model).published_ranks if model in family_names() else None
+    return f"published {ranks[key]}" if ranks else "not in the study"
+
+
 def rank_table(frame: pd.DataFrame) -> list[str]:
-    """Our mean rank per metric over the sizes where every family completed, beside the published ranks."""
+    """Our mean rank per metric over the sizes where every family of the table completed, beside the study's."""
     done = frame[frame["status"] == "completed"]
+    models = list(dict.fromkeys(frame["model"]))
     lines = []
     for key, header, _, lower in TABLE_METRICS:
         ranks: dict[str, list[float]] = {}
         for _, group in done.groupby("size"):
             values = pd.to_numeric(group[key], errors="coerce") if key in group else None
-            if values is None or values.isna().any() or len(group) < len(FAMILY_MODULES):
+            if values is None or values.isna().any() or len(group) < len(models):
                 continue
             for model, rank in zip(group["model"], values.rank(ascending=lower, method="min")):
                 ranks.setdefault(model, []).append(rank)
         cells = []
-        for model in FAMILY_MODULES:
+        for model in models:
             ours = f"{sum(ranks[model]) / len(ranks[model]):.1f}" if model in ranks else "n/a (incomplete sizes)"
-            cells.append(f"{display_name(model)} {ours} (published {PUBLISHED_RANKS[model][key]})")
+            cells.append(f"{display_name(model)} {ours} ({published_rank(model, key)})")
         lines.append(f"  {header}: " + "; ".join(cells))
     return lines
 
@@ -232,7 +231,7 @@ def report(frame: pd.DataFrame) -> str:
             if (size, key) in best:
                 winner = group[pd.to_numeric(group[key], errors="coerce") == best[(size, key)]]["display_name"]
                 lines.append(f"  {size} {header}: {', '.join(winner)} ({fmt.format(best[(size, key)])})")
-    lines += ["", "Ranking (ours: mean rank over sizes where all four completed; 1 = best)", *rank_table(frame),
+    lines += ["", "Ranking (ours: mean rank over sizes where every family completed; 1 = best)", *rank_table(frame),
               "", "Anomalies", *(f"  {a}" for a in anomalies(frame)), ""]
     return "\n".join(lines)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, count_on_meta, get_family  # noqa: E402
+from training_harness.registry import PRESETS, SIZES, count_on_meta, family_names, get_family  # noqa: E402
 
 #: Tokenizer vocabularies of the spec's defaults (Qwen2.5: 151,665 with added tokens; GPT-NeoX-20B: 50,277).
 TOKENIZER_VOCAB = {"Qwen/Qwen2.5-0.5B": 151_665, "EleutherAI/pythia-410m": 50_277}
@@ -18,7 +18,7 @@ COLUMNS = ("family", "size", "preset", "params", "params_vs_nominal", "layers", 
 
 
 def rows(preset: str, seq_len: int = 8192):
-    for name in FAMILY_MODULES:
+    for name in family_names():
         family = get_family(name)
         for size in SIZES:
             counted = count_on_meta(family, size, preset, TOKENIZER_VOCAB[family.default_tokenizer], seq_len)

@@ -74,10 +74,10 @@ for config in "${configs[@]}"; do
   fi
   model=$("$PYTHON" -m training_harness.sweep model "$config")
   echo "== $name ($(date -u +%FT%TZ)) -> $log"
-  echo "== $name $(date -u +%FT%TZ) ${launcher[*]} $model/train_${model}_fineweb.py --config $config" >>"$log"
+  echo "== $name $(date -u +%FT%TZ) ${launcher[*]} -m training_harness.cli $model --config $config" >>"$log"
   set +e
   # shellcheck disable=SC2086 # EXTRA_ARGS is a list of flags
-  "${launcher[@]}" "$model/train_${model}_fineweb.py" --config "$config" --output_dir "$results" \
+  "${launcher[@]}" -m training_harness.cli "$model" --config "$config" --output_dir "$results" \
     --max_steps "$max_steps" --device "$device_flag" --resume ${EXTRA_ARGS:-} >>"$log" 2>&1
   code=$?
   set -e

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +12,8 @@ import pytest
 
 from training_harness.config import parse_config
 from training_harness.prepare_data import PrepareConfig, prepare
-from training_harness.sweep import GPU_PLAN, generate, plan_flags
+from training_harness.registry import get_family
+from training_harness.sweep import generate, plan_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("collector", ROOT / "scripts" / "collect_attention_free_results.py")
@@ -59,8 +61,8 @@ def test_generated_paper_configs_carry_the_gpu_plan(tmp_path):
         assert config.compile and config.global_batch == {"0.5B": 8, "1.5B": 4, "3B": 2}[config.model_size]
         micro, accumulation = config.batch_plan(world_size=1)  # the micro-batch divides the spec's batch
         assert (micro, config.activation_checkpointing) == (
-            GPU_PLAN[config.model, config.model_size]["micro_batch_size"],
-            GPU_PLAN[config.model, config.model_size].get("activation_checkpointing", False))
+            get_family(config.model).gpu_plan[config.model_size]["micro_batch_size"],
+            get_family(config.model).gpu_plan[config.model_size].get("activation_checkpointing", False))
         flags = parse_config(["--model_size", config.model_size, "--data_path", "data", "--output_dir", "o",
                               *plan_flags(config.model, config.model_size)], config.model, "")
         planned = ("micro_batch_size", "activation_checkpointing", "compile", "attention")
@@ -156,3 +158,34 @@ def test_collector_reports_an_unknown_schema_per_run_and_still_writes_the_tables
     assert frame.loc["qwen", "status"] == "completed"
     assert frame.loc["mamba", "status"] == "corrupt" and "schema_version 2" in frame.loc["mamba", "reason"]
     assert "schema\\_version 2" in (tmp_path / "tables" / "attention_free_table.tex").read_text()
+
+
+def test_a_fifth_family_registered_from_outside_runs_generate_train_collect(tmp_path, tokenizer_file, corpus_file):
+    """The README's "Adding an architecture", followed for a family that lives in tests/ alone."""
+    data_root = tmp_path / "data"
+    prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, val_fraction=0.2, workers=1,
+                          output_dir=str(data_root / Path(tokenizer_file).parent.name)))
+    experiment = tmp_path / "experiment"
+    env = {**os.environ, "EFFICIENTLLM_FAMILY_MODULES": "toy=toy_family",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    generated = subprocess.run(
+        [sys.executable, "-m", "training_harness.sweep", "generate", "--models", "toy,mamba", "--sizes", "0.5B",
+         "--preset", "tiny", "--seq_len", "32", "--micro_batch_size", "2", "--data_root", str(data_root),
+         "--output_dir", str(experiment / "configs"), "--shared_tokenizer", tokenizer_file],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert generated.returncode == 0, generated.stderr
+    driver = subprocess.run(["bash", str(ROOT / "scripts" / "run_all_attention_free_experiments.sh"), "dsw", "cpu",
+                             "3"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**env, "EXPERIMENT_DIR": str(experiment), "EXTRA_ARGS": "--eval_windows 2"})
+    assert driver.returncode == 0, driver.stdout + driver.stderr
+    collected = subprocess.run([sys.executable, str(ROOT / "scripts" / "collect_attention_free_results.py"),
+                                "--results_dir", str(experiment / "results"), "--output_dir",
+                                str(experiment / "tables")], capture_output=True, text=True, env=env, timeout=120)
+    assert collected.returncode == 0, collected.stderr
+    table = pd.read_csv(experiment / "tables" / "attention_free_results.csv").set_index("model")
+    assert table.loc["toy", "status"] == "completed" and table.loc["toy", "display_name"] == "Toy shift"
+    vocab_rows = 384  # the test tokenizer's vocabulary (conftest), already a multiple of 64
+    assert table.loc["toy", "params"] == vocab_rows * 32 + 2 * (2 * 32 + 2 * 32 * 32 + 32) + 2 * 32
+    report = (experiment / "tables" / "attention_free_report.txt").read_text()
+    assert "Toy shift" in report and "(not in the study)" in report and "Mamba" in report
+    assert "Toy shift" in (experiment / "tables" / "attention_free_table.tex").read_text()

@@ -12,10 +12,21 @@ from training_harness.trainer import train
 
 def main(family: str, argv: list[str] | None = None) -> int:
     """Parse the flags for ``family``, train, and return the exit code (errors as one line)."""
-    display = get_family(family).display_name
+    try:
+        display = get_family(family).display_name
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     description = f"Pretrain {display} on FineWeb-Edu and measure PPL, AMU, AL, TT and AEC."
     try:
         return train(parse_config(argv, family, description))
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+if __name__ == "__main__":  # python -m training_harness.cli FAMILY [flags]: any registered family
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        print("usage: python -m training_harness.cli FAMILY [flags]; FAMILY --help lists the flags", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

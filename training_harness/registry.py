@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,13 +19,16 @@ PRESETS = {
     "tiny": "a few million parameters, for tests and CPU smoke runs",
 }
 
-#: Adding a family: a folder with model.py defining FAMILY, a train script, and one line here.
+#: The families of this repository: a folder with model.py defining FAMILY, a train script, and one line here.
 FAMILY_MODULES = {
     "qwen": "qwen.model",
     "pythia": "pythia.model",
     "mamba": "mamba.model",
     "rwkv": "rwkv.model",
 }
+#: Families kept outside this repository join through this variable: "name=module[,name=module...]", each
+#: module importable and defining FAMILY.
+EXTRA_FAMILIES_VARIABLE = "EFFICIENTLLM_FAMILY_MODULES"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,11 @@ class ModelFamily:
     """Training FLOPs per token that are not weight matmuls (attention scores, state updates)."""
     min_vocab_rows: dict[str, int] | None = None
     """Per preset, the embedding rows of the original model when larger than the padded vocabulary."""
+    gpu_plan: dict[str, dict] = field(default_factory=dict)
+    """Per nominal size, the training settings that fit one 80 GB GPU at 8K context with the real shapes
+    (micro_batch_size, activation_checkpointing, attention), measured (docs/performance.md)."""
+    published_ranks: dict[str, int] | None = None
+    """The study's ranks (1 = best) by table metric, for families the study compared."""
     stock: StockReference | None = None
 
     def shape(self, size: str, preset: str) -> dict:
@@ -79,10 +88,35 @@ class ModelFamily:
         return 6.0 * matmul_params(model) + self.sequence_flops_per_token(shape, seq_len)
 
 
+def family_modules() -> dict[str, str]:
+    """Family name -> module: this repository's, then those named by EFFICIENTLLM_FAMILY_MODULES."""
+    modules = dict(FAMILY_MODULES)
+    for entry in filter(None, os.environ.get(EXTRA_FAMILIES_VARIABLE, "").split(",")):
+        name, _, module = entry.partition("=")
+        if not (name.strip() and module.strip()):
+            raise ValueError(f"{EXTRA_FAMILIES_VARIABLE}: {entry!r} is not name=module")
+        modules[name.strip()] = module.strip()
+    return modules
+
+
+def family_names() -> list[str]:
+    return list(family_modules())
+
+
 def get_family(name: str) -> ModelFamily:
-    if name not in FAMILY_MODULES:
-        raise ValueError(f"unknown model family {name!r}; choose one of {sorted(FAMILY_MODULES)}")
-    return importlib.import_module(FAMILY_MODULES[name]).FAMILY
+    modules = family_modules()
+    if name not in modules:
+        raise ValueError(f"unknown model family {name!r}; choose one of {sorted(modules)} (or register it in "
+                         f"{EXTRA_FAMILIES_VARIABLE})")
+    return importlib.import_module(modules[name]).FAMILY
+
+
+def build_model(family: ModelFamily, size: str, preset: str, vocab_rows: int, device: torch.device | str,
+                allow_slow_kernels: bool = False) -> CausalLM:
+    """The family's model at ``size`` and ``preset``, its parameters created on ``device`` (meta: no memory)."""
+    device = torch.device(device)
+    with device:
+        return family.build(family.shape(size, preset), vocab_rows, device.type, allow_slow_kernels)
 
 
 def count_on_meta(family: ModelFamily, size: str, preset: str, tokenizer_vocab: int | None = None,
@@ -91,7 +125,6 @@ def count_on_meta(family: ModelFamily, size: str, preset: str, tokenizer_vocab: 
     family's default tokenizer unless ``tokenizer_vocab`` is given."""
     shape = family.shape(size, preset)
     vocab = family.vocab_rows(tokenizer_vocab or family.tokenizer_vocab, preset)
-    with torch.device("meta"):
-        model = family.build(shape, vocab, "cpu", True)
+    model = build_model(family, size, preset, vocab, "meta", allow_slow_kernels=True)
     return {"params": parameter_count(model), "vocab_rows": vocab,
             "flops_per_token": family.flops_per_token(model, shape, seq_len), **shape}

@@ -9,32 +9,14 @@ from pathlib import Path
 
 from efficientllm_metrics import RESULTS_FILE, ResultsError, RunHeader, read_results, unmeasured, write_json_atomic
 from training_harness.config import SPEC_GLOBAL_BATCH, TrainConfig
-from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, get_family
+from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, family_names, get_family
 from training_harness.tokenization import tokenizer_name
-
-#: How each family and size trains at 8K context on one 80 GB GPU (paper and matched shapes): the micro-batch,
-#: activation checkpointing where weights, gradients and AdamW state leave too little for activations, and
-#: the attention kernel where one measured faster. Chosen from peak memory and tokens/s measured with
-#: --compile (docs/performance.md); a GPU-side flag, so tiny CPU configs leave it out.
-GPU_PLAN: dict[tuple[str, str], dict] = {
-    ("qwen", "0.5B"): {"micro_batch_size": 2},
-    ("qwen", "1.5B"): {"micro_batch_size": 2},
-    ("qwen", "3B"): {"micro_batch_size": 2, "activation_checkpointing": True},
-    ("pythia", "0.5B"): {"micro_batch_size": 4, "attention": "cudnn"},
-    ("pythia", "1.5B"): {"micro_batch_size": 2},
-    ("pythia", "3B"): {"micro_batch_size": 2, "activation_checkpointing": True},
-    ("mamba", "0.5B"): {"micro_batch_size": 8},
-    ("mamba", "1.5B"): {"micro_batch_size": 4},
-    ("mamba", "3B"): {"micro_batch_size": 1},
-    ("rwkv", "0.5B"): {"micro_batch_size": 4},
-    ("rwkv", "1.5B"): {"micro_batch_size": 4, "activation_checkpointing": True},
-    ("rwkv", "3B"): {"micro_batch_size": 1, "activation_checkpointing": True},
-}
 
 
 def gpu_plan(model: str, size: str) -> dict:
-    """The training settings of the GPU plan for one model and size (always compiled)."""
-    return {**GPU_PLAN[model, size], "compile": True}
+    """The training settings of the family's GPU plan for one size (always compiled; the micro-batch found
+    automatically where the plan names none)."""
+    return {**get_family(model).gpu_plan.get(size, {}), "compile": True}
 
 
 def plan_flags(model: str, size: str) -> list[str]:
@@ -123,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="write one config per model x size")
-    gen.add_argument("--models", default=",".join(FAMILY_MODULES))
+    gen.add_argument("--models", default=",".join(FAMILY_MODULES),
+                     help="families (default: the study's four; any registered family may be named)")
     gen.add_argument("--sizes", default=",".join(SIZES))
     gen.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     gen.add_argument("--max_steps", type=int, default=10_000)
@@ -153,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "generate":
-        unknown = [m for m in _csv(args.models) if m not in FAMILY_MODULES] + \
+        unknown = [m for m in _csv(args.models) if m not in family_names()] + \
                   [s for s in _csv(args.sizes) if s not in SIZES]
         if unknown:
             parser.error(f"unknown models or sizes: {unknown}")
         neox = args.shared_tokenizer or args.neox_tokenizer
-        tokenizers = {name: neox for name in FAMILY_MODULES if neox}
+        tokenizers = {name: neox for name in family_names() if neox}
         if args.shared_tokenizer or args.qwen_tokenizer:
             tokenizers["qwen"] = args.shared_tokenizer or args.qwen_tokenizer
         for path in generate(_csv(args.models), _csv(args.sizes), args.preset, args.max_steps, args.seq_len,

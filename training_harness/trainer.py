@@ -34,7 +34,7 @@ from training_harness.config import TrainConfig
 from training_harness.data import TokenWindows, resolve_data_path
 from training_harness.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM, ConfigError
 from training_harness.lm import no_weight_decay, parameter_count
-from training_harness.registry import get_family
+from training_harness.registry import build_model, get_family
 from training_harness.run_description import CONFIG_FILE, RunDescription, git_state, versions
 from training_harness.run_log import LOG_FILE, RunLog
 
@@ -165,14 +165,14 @@ class Trainer:
         self.val_windows = TokenWindows(data_dir, "val", config.seq_len)
         meta = self.train_windows.meta
         micro_batch, accumulation = config.batch_plan(context.world_size)
-        shape = self.family.shape(config.model_size, config.preset)
         vocab_rows = self.family.vocab_rows(meta["vocab_size"], config.preset)
 
         if config.attention != "auto" and not context.cuda_indices:
             raise ConfigError(f"--attention {config.attention} picks a CUDA kernel; use auto on {context.device}")
         torch.manual_seed(config.seed)
-        with torch.device(context.device):
-            model = self.family.build(shape, vocab_rows, context.device.type, config.allow_slow_kernels)
+        model = build_model(self.family, config.model_size, config.preset, vocab_rows, context.device,
+                            config.allow_slow_kernels)
+        shape = self.family.shape(config.model_size, config.preset)
         if config.precision == "bf16":
             model = model.to(torch.bfloat16)
         self.description = RunDescription(
