@@ -20,10 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from efficientllm_metrics import Monitor  # noqa: E402
-from training_harness.registry import get_family  # noqa: E402
+from efficientllm_metrics import Monitor
+from training_harness.registry import get_family
 
 MODES = {"off": None, "100ms": 0.1, "10ms": 0.01}
 

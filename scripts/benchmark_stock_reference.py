@@ -19,16 +19,13 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training_harness.config import SPEC_GLOBAL_BATCH  # noqa: E402
-from training_harness.profiling import profile_steps  # noqa: E402
-from training_harness.registry import SIZES, family_names, get_family  # noqa: E402
-from training_harness.sweep import gpu_plan  # noqa: E402
+from training_harness.config import SPEC_GLOBAL_BATCH
+from training_harness.profiling import profile_steps
+from training_harness.registry import SIZES, family_names, get_family
+from training_harness.sweep import gpu_plan
 
 
 def main() -> int:

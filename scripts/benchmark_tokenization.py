@@ -16,9 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training_harness.prepare_data import PrepareConfig, prepare, read_meta  # noqa: E402
+from training_harness.prepare_data import PrepareConfig, prepare, read_meta
 
 
 def main() -> int:

@@ -25,15 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from efficientllm_metrics import ResultsError, read_results, write_json_atomic
+from training_harness.registry import SIZES, family_names, get_family
+from training_harness.sweep import plan_flags
+from training_harness.tokenization import tokenizer_name
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from efficientllm_metrics import ResultsError, read_results, write_json_atomic  # noqa: E402
-from training_harness.registry import SIZES, family_names, get_family  # noqa: E402
-from training_harness.sweep import plan_flags  # noqa: E402
-from training_harness.tokenization import tokenizer_name  # noqa: E402
 
 COLUMNS = ("round", "family", "size", "variant", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter",
            "peak_alloc_gb", "first_step_s", "process_s", "stock_tokens_per_s", "speedup_vs_stock",

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training_harness.registry import PRESETS, SIZES, count_on_meta, family_names, get_family  # noqa: E402
+from training_harness.registry import PRESETS, SIZES, count_on_meta, family_names, get_family
 
 #: Tokenizer vocabularies of the spec's defaults (Qwen2.5: 151,665 with added tokens; GPT-NeoX-20B: 50,277).
 TOKENIZER_VOCAB = {"Qwen/Qwen2.5-0.5B": 151_665, "EleutherAI/pythia-410m": 50_277}

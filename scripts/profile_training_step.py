@@ -18,17 +18,14 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training_harness import distributed  # noqa: E402
-from training_harness.config import parse_config  # noqa: E402
-from training_harness.profiling import profile_steps  # noqa: E402
-from training_harness.sweep import plan_flags  # noqa: E402
-from training_harness.trainer import Trainer  # noqa: E402
+from training_harness import distributed
+from training_harness.config import parse_config
+from training_harness.profiling import profile_steps
+from training_harness.sweep import plan_flags
+from training_harness.trainer import Trainer
 
 
 def main() -> int:

@@ -21,10 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rwkv.kernel_configs import config_file, dump, import_fla_with_pinned_configs  # noqa: E402
-from rwkv.model import FAMILY, HEAD_SIZE, SHAPES  # noqa: E402
+from rwkv.kernel_configs import config_file, dump, import_fla_with_pinned_configs
+from rwkv.model import FAMILY, HEAD_SIZE, SHAPES
 
 
 def tune_recurrence(sizes: list[str], micro_batch_size: int, seq_len: int) -> None:

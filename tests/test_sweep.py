@@ -1,6 +1,5 @@
 """The sweep driver end to end on tiny configs, and the collector on crafted result folders."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,15 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from training_harness import report as collector
 from training_harness.config import parse_config
 from training_harness.prepare_data import PrepareConfig, prepare
 from training_harness.registry import get_family
 from training_harness.sweep import generate, plan_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("collector", ROOT / "scripts" / "collect_attention_free_results.py")
-collector = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(collector)
 
 
 def run_driver(experiment_dir, *args):

@@ -25,8 +25,13 @@ def main(family: str, argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-if __name__ == "__main__":  # python -m training_harness.cli FAMILY [flags]: any registered family
+def console() -> int:
+    """``efficientllm-train FAMILY [flags]`` (or ``python -m training_harness.cli``): any registered family."""
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        print("usage: python -m training_harness.cli FAMILY [flags]; FAMILY --help lists the flags", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    sys.exit(main(sys.argv[1], sys.argv[2:]))
+        print("usage: efficientllm-train FAMILY [flags]; FAMILY --help lists the flags", file=sys.stderr)
+        return EXIT_USAGE
+    return main(sys.argv[1], sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(console())
