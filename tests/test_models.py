@@ -235,3 +235,11 @@ def test_rwkv_flops_count_every_projection_including_the_low_rank_ones():
     low_rank = low_rank_first + 2 * d_model * rank["v"]
     expected = layers * (time_mix + channel_mix) + low_rank_first + (layers - 1) * low_rank + vocab * d_model
     assert matmul_params(model) == expected
+
+
+def test_torch_workarounds_apply_up_to_the_newest_release_they_were_seen_on():
+    from training_harness.torch_workarounds import COMPILE_WORKAROUNDS
+
+    cache = next(w for w in COMPILE_WORKAROUNDS if w.name == "autograd_cache")
+    assert cache.needed("2.11.0+cu130") and cache.needed("2.13.0+cpu") and cache.needed("2.9.1")
+    assert not cache.needed("2.14.0") and not cache.needed("3.0.0")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from training_harness.errors import ConfigError
+from training_harness.flags import dataclass_parser
 from training_harness.registry import PRESETS, SIZES
 
 #: Sequences per optimizer step in the study, by nominal size.
@@ -99,22 +99,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _flag_type(annotation):
-    """``int | None`` -> int: the type argparse converts a flag's text to."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
-
-
 def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = dataclass_parser(TrainConfig, description)
     parser.add_argument("--config", help="JSON file of these fields (flags override it)")
-    hints = typing.get_type_hints(TrainConfig)
-    for item in dataclasses.fields(TrainConfig):
-        kind = _flag_type(hints[item.name])
-        if kind is bool:
-            parser.add_argument(f"--{item.name}", action=argparse.BooleanOptionalAction, help=item.metadata["help"])
-        else:
-            parser.add_argument(f"--{item.name}", type=kind, help=item.metadata["help"])
     return parser
 
 

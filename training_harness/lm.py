@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training_harness.torch_workarounds import apply_compile_workarounds
+
 #: Tokens per cross-entropy chunk: 4096 x 151,936 bf16 logits are 1.2 GB.
 LOSS_CHUNK_TOKENS = 4096
 
@@ -143,15 +145,7 @@ class CausalLM(nn.Module):
         """Regional compilation: each block (compiled once, reused by its identical siblings) and the
         loss's softmax. A block with its own ``compile_regions`` chooses its regions (around a kernel that
         dynamo cannot trace); elsewhere such kernels stay eager behind ``torch.compiler.disable``."""
-        # Outputs of a compiled region that are views of its intermediates (RWKV-7's per-head views) are
-        # rebuilt by replaying the recorded views; loaded from a warm compile cache, that replay produced
-        # garbage shapes (torch 2.13). as_strided rebuilds them from sizes and strides instead.
-        torch._functorch.config.view_replay_for_aliased_outputs = False
-        # Saving a compiled backward to AOTAutograd's cache (a first run, empty cache) intermittently crashed
-        # the process with SIGSEGV inside pickle.dumps (seen on CPU with torch 2.13 in RWKV-7's regions; cold
-        # GPU runs died alike). Without that cache each run traces again; the compiled kernels still come
-        # from inductor's own cache.
-        torch._functorch.config.enable_autograd_cache = False
+        apply_compile_workarounds()
         for block in self.blocks:
             if hasattr(block, "compile_regions"):
                 block.compile_regions(**kwargs)

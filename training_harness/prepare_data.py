@@ -8,7 +8,6 @@ at the end: an interrupted run never leaves a folder that looks complete.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -17,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from efficientllm_metrics import atomic_folder
 from training_harness.errors import EXIT_USAGE, DataError
+from training_harness.flags import dataclass_parser
 from training_harness.tokenization import end_of_text_id, load_tokenizer, tokenizer_name
 
 META_FILE = "meta.json"
@@ -34,27 +34,27 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
 @dataclass(frozen=True, kw_only=True)
 class PrepareConfig:
-    """What to tokenize and where to put it."""
+    """What to tokenize and where to put it. Every field is a flag of the same name."""
 
-    source: str = "hub"
-    """``hub`` to stream the dataset below, or a local file or folder of .jsonl/.json/.parquet/.txt."""
-    tokenizer: str = "EleutherAI/pythia-410m"
-    """Hub id, local folder or tokenizer.json."""
-    output_dir: str | None = None
-    """Default: experiments/data/<tokenizer name>."""
-    max_tokens: int | None = None
-    """Stop once the training split would exceed this many tokens (None: the whole source)."""
-    val_fraction: float = 0.005
-    """Share of documents held out for validation, spread evenly over the stream."""
-    dataset: str = "HuggingFaceFW/fineweb-edu"
-    dataset_config: str = "sample-350BT"
-    split: str = "train"
-    text_field: str = "text"
-    dtype: str = "auto"
-    """uint16, uint32, or auto (uint16 when the vocabulary fits)."""
-    workers: int = min(8, os.cpu_count() or 1)
-    """Tokenizer processes; 1 tokenizes in this process."""
-    batch_documents: int = 512
+    source: str = field(default="hub", metadata={
+        "help": "'hub' to stream --dataset, or a local .jsonl/.json/.parquet/.txt file or folder of them"})
+    tokenizer: str = field(default="EleutherAI/pythia-410m", metadata={
+        "help": "hub id, local folder or tokenizer.json"})
+    output_dir: str | None = field(default=None, metadata={"help": "default: experiments/data/<tokenizer name>"})
+    max_tokens: int | None = field(default=None, metadata={
+        "help": "stop once the training split would exceed this many tokens (default: the whole source)"})
+    val_fraction: float = field(default=0.005, metadata={
+        "help": "share of documents held out for validation, spread evenly over the stream"})
+    dataset: str = field(default="HuggingFaceFW/fineweb-edu", metadata={"help": "hub dataset (--source hub)"})
+    dataset_config: str = field(default="sample-350BT", metadata={"help": "its configuration"})
+    split: str = field(default="train", metadata={"help": "its split"})
+    text_field: str = field(default="text", metadata={"help": "the field holding each document's text"})
+    dtype: str = field(default="auto", metadata={
+        "help": "token file type: uint16, uint32, or auto (uint16 when the vocabulary fits)",
+        "choices": ("auto", "uint16", "uint32")})
+    workers: int = field(default=min(8, os.cpu_count() or 1), metadata={
+        "help": "tokenizer processes; 1 tokenizes in this process"})
+    batch_documents: int = field(default=512, metadata={"help": "documents per batch sent to a worker"})
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
@@ -304,26 +304,8 @@ def read_meta(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def _parser() -> argparse.ArgumentParser:
-    defaults = PrepareConfig()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default=defaults.source, help="'hub' or a local file/folder")
-    parser.add_argument("--tokenizer", default=defaults.tokenizer, help="hub id, folder or tokenizer.json")
-    parser.add_argument("--output_dir", default=None, help="default: experiments/data/<tokenizer name>")
-    parser.add_argument("--max_tokens", type=int, default=None, help="bound on training tokens")
-    parser.add_argument("--val_fraction", type=float, default=defaults.val_fraction)
-    parser.add_argument("--dataset", default=defaults.dataset)
-    parser.add_argument("--dataset_config", default=defaults.dataset_config)
-    parser.add_argument("--split", default=defaults.split)
-    parser.add_argument("--text_field", default=defaults.text_field)
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "uint16", "uint32"])
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--batch_documents", type=int, default=defaults.batch_documents)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = dataclass_parser(PrepareConfig, __doc__.splitlines()[0]).parse_args(argv)
     try:
         config = PrepareConfig(**vars(args))
         output = prepare(config)
