@@ -8,8 +8,6 @@ import sys
 
 from training_harness.registry import PRESETS, SIZES, count_on_meta, family_names, get_family
 
-#: Tokenizer vocabularies of the spec's defaults (Qwen2.5: 151,665 with added tokens; GPT-NeoX-20B: 50,277).
-TOKENIZER_VOCAB = {"Qwen/Qwen2.5-0.5B": 151_665, "EleutherAI/pythia-410m": 50_277}
 COLUMNS = ("family", "size", "preset", "params", "params_vs_nominal", "layers", "d_model", "vocab_rows",
            "gflops_per_token_8k")
 
@@ -18,7 +16,7 @@ def rows(preset: str, seq_len: int = 8192):
     for name in family_names():
         family = get_family(name)
         for size in SIZES:
-            counted = count_on_meta(family, size, preset, TOKENIZER_VOCAB[family.default_tokenizer], seq_len)
+            counted = count_on_meta(family, size, preset, seq_len=seq_len)
             nominal = float(size.rstrip("B")) * 1e9
             yield {"family": name, "size": size, "preset": preset, "params": counted["params"],
                    "params_vs_nominal": f"{counted['params'] / nominal - 1:+.1%}", "layers": counted["layers"],

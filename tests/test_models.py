@@ -48,16 +48,15 @@ def test_paper_counts_match_docs():
     documented = {(m[0], m[1]): int(m[2].replace(",", ""))
                   for m in re.findall(r"^\| (\w+) \| ([\d.]+B) \| ([\d,]+) \|", table, re.M)}
     assert len(documented) == 12
-    vocab = {"qwen": 151_665}
     for (name, size), params in documented.items():
-        counted = count_on_meta(get_family(name), size, "paper", vocab.get(name, 50_277))
+        counted = count_on_meta(get_family(name), size, "paper")
         assert counted["params"] == params, (name, size)
 
 
 def test_matched_preset_is_within_ten_percent():
     for name in FAMILY_MODULES:
         for size in ("0.5B", "1.5B", "3B"):
-            counted = count_on_meta(get_family(name), size, "matched", 151_665 if name == "qwen" else 50_277)
+            counted = count_on_meta(get_family(name), size, "matched")
             assert abs(counted["params"] / (float(size[:-1]) * 1e9) - 1) <= 0.10, (name, size)
 
 
