@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Smoke test of the whole pipeline on the corpus shipped with the package: no download, no GPU needed.
-# Makes a tokenizer and a tiny dataset, runs 10 steps of each family, checks every metrics file,
-# and collects the tables. Everything goes under experiments/smoke/; the exit code says pass or fail.
+# Makes or reuses the virtual environment (scripts/setup_env.sh), makes a tokenizer and a tiny dataset,
+# runs 10 steps of each family, checks every metrics file, and collects the tables. Everything goes under
+# experiments/smoke/; the exit code says pass or fail.
 #
 #   scripts/test_attention_free_setup.sh          # CPU, tiny shapes
 #   scripts/test_attention_free_setup.sh cuda     # GPU 0, the real 0.5B shapes (short context)
@@ -14,7 +15,7 @@ case $target in
   cuda) devices=cuda:0; preset=paper; seq_len=256 ;;
   *) echo "usage: $0 [cpu|cuda]" >&2; exit 2 ;;
 esac
-PYTHON=${PYTHON:-python3}
+source scripts/setup_env.sh
 export EXPERIMENT_DIR=experiments/smoke
 rm -rf "$EXPERIMENT_DIR"
 mkdir -p "$EXPERIMENT_DIR"

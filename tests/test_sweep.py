@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_driver(experiment_dir, *args):
-    env = {**os.environ, "EXPERIMENT_DIR": str(experiment_dir), "EXTRA_ARGS": "--eval_windows 2 --seq_len 32"}
+    env = {**os.environ, "EXPERIMENT_DIR": str(experiment_dir), "EXTRA_ARGS": "--eval_windows 2 --seq_len 32",
+           "PYTHON": sys.executable}
     return subprocess.run(["bash", str(ROOT / "scripts" / "run_all_attention_free_experiments.sh"), *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 
@@ -140,7 +141,7 @@ def test_dlc_needs_the_cluster_environment(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "WORLD_SIZE", "NODE_RANK", "RANK")}
     result = subprocess.run(["bash", str(ROOT / "scripts" / "run_all_attention_free_experiments.sh"), "dlc",
                              "cuda:0,1", "10"], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                            env={**env, "EXPERIMENT_DIR": str(tmp_path)})
+                            env={**env, "EXPERIMENT_DIR": str(tmp_path), "PYTHON": sys.executable})
     assert result.returncode != 0 and "dlc needs NNODES or WORLD_SIZE" in result.stderr
 
 
@@ -163,7 +164,7 @@ def test_a_fifth_family_registered_from_outside_runs_generate_train_collect(tmp_
     prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, val_fraction=0.2, workers=1,
                           output_dir=str(data_root / Path(tokenizer_file).parent.name)))
     experiment = tmp_path / "experiment"
-    env = {**os.environ, "EFFICIENTLLM_FAMILY_MODULES": "toy=toy_family",
+    env = {**os.environ, "EFFICIENTLLM_FAMILY_MODULES": "toy=toy_family", "PYTHON": sys.executable,
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     generated = subprocess.run(
         [sys.executable, "-m", "training_harness.sweep", "generate", "--models", "toy,mamba", "--sizes", "0.5B",
