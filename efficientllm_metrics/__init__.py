@@ -1,6 +1,6 @@
 """Training-efficiency metrics: a GPU sampler thread, a measured window, the metric math, one results file."""
 
-from efficientllm_metrics.atomic import atomic_file, atomic_folder, write_json_atomic
+from efficientllm_metrics.atomic import NotOurFolder, atomic_file, atomic_folder, recover_folder, write_json_atomic
 from efficientllm_metrics.backend import GpuBackend, GpuInfo, NvmlBackend, open_nvml
 from efficientllm_metrics.formulas import GB, LatencyStats, bits_per_byte, perplexity
 from efficientllm_metrics.monitor import (
@@ -28,7 +28,8 @@ from efficientllm_metrics.sampler import Sample, Sampler
 
 __all__ = [
     "GB", "METRICS", "RESULTS_FILE", "SCHEMA_VERSION", "TIMELINE_FILE", "GpuBackend", "GpuInfo", "LatencyStats",
-    "Metric", "Monitor", "NvmlBackend", "RankMeasurement", "ResultsError", "Run", "RunHeader", "Sample", "Sampler",
-    "Validation", "atomic_file", "atomic_folder", "bits_per_byte", "completed_steps", "default_warmup_iterations",
-    "gather_measurements", "open_nvml", "perplexity", "read_results", "summarize", "unmeasured", "write_json_atomic",
+    "Metric", "Monitor", "NotOurFolder", "NvmlBackend", "RankMeasurement", "ResultsError", "Run", "RunHeader",
+    "Sample", "Sampler", "Validation", "atomic_file", "atomic_folder", "bits_per_byte", "completed_steps",
+    "default_warmup_iterations", "gather_measurements", "open_nvml", "perplexity", "read_results", "recover_folder",
+    "summarize", "unmeasured", "write_json_atomic",
 ]

@@ -72,7 +72,12 @@ for config in "${configs[@]}"; do
     summary+=("$name: skipped (already completed)")
     continue
   fi
-  model=$("$PYTHON" -m training_harness.sweep model "$config")
+  if ! model=$("$PYTHON" -m training_harness.sweep model "$config" 2>>"$log"); then
+    "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" 2 "$log"
+    summary+=("$name: failed (unreadable config; see $log)")
+    failed=$((failed + 1))
+    continue
+  fi
   echo "== $name ($(date -u +%FT%TZ)) -> $log"
   echo "== $name $(date -u +%FT%TZ) ${launcher[*]} -m training_harness.cli $model --config $config" >>"$log"
   set +e

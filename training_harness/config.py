@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +80,10 @@ class TrainConfig:
             (self.sample_interval_s > 0, "sample_interval_s must be positive"),
             (self.batch_size is None or self.batch_size > 0, "batch_size must be positive"),
             (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be positive"),
+            (self.eval_windows > 0, f"eval_windows must be positive (PPL and BPB need them), got {self.eval_windows}"),
+            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
+            (re.fullmatch(r"|cpu|cuda(:\d+)?", self.device) is not None,
+             f"device must be cuda, cuda:N or cpu, got {self.device!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,19 +111,47 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def read_config_file(path: Path) -> dict:
+    """The fields a --config JSON sets, each checked against its field's type (ConfigError names the file)."""
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: not a readable JSON config ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config is a JSON object of flag names and values")
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}")
+    for key, value in values.items():
+        if not _has_type(value, hints[key]):
+            raise ConfigError(f"{path}: {key} must be {_type_name(hints[key])}, got {value!r}")
+    return values
+
+
+def _has_type(value, annotation) -> bool:
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, bool):
+        return bool in allowed
+    return any(isinstance(value, kind) for kind in allowed if kind is not type(None)) or \
+        (float in allowed and isinstance(value, int))
+
+
+def _type_name(annotation) -> str:
+    return " or ".join("null" if kind is type(None) else kind.__name__
+                       for kind in (typing.get_args(annotation) or (annotation,)))
+
+
 def parse_config(argv: list[str] | None, family: str, description: str) -> TrainConfig:
     """Defaults, then the --config JSON, then command-line flags; the script fixes the family."""
     flags = vars(build_parser(description).parse_args(argv))
     values: dict = {}
     if "config" in flags:
-        path = Path(flags.pop("config"))
-        if not path.exists():
-            raise ConfigError(f"{path}: no such config file")
-        values = json.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown keys {unknown}")
+        values = read_config_file(Path(flags.pop("config")))
     values.update(flags)
     if values.get("model", family) != family:
         raise ConfigError(f"this script trains {family}, but the config asks for {values['model']}")

@@ -228,7 +228,7 @@ def prepare(config: PrepareConfig) -> Path:
     dtype = _token_dtype(config.dtype, vocab_size)
 
     started = time.perf_counter()
-    with atomic_folder(output) as staging:
+    with atomic_folder(output, frozenset({"train.bin", "val.bin", META_FILE})) as staging:
         writers = {split: _SplitWriter(staging / f"{split}.bin", dtype) for split in ("train", "val")}
         try:
             _tokenize_into(config, tokenizer, eos, writers, started)

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from efficientllm_metrics import RESULTS_FILE, ResultsError, RunHeader, read_results, unmeasured, write_json_atomic
-from training_harness.config import SPEC_GLOBAL_BATCH, TrainConfig
+from training_harness.config import SPEC_GLOBAL_BATCH, TrainConfig, read_config_file
+from training_harness.errors import ConfigError
 from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, family_names, get_family
 from training_harness.tokenization import tokenizer_name
 
@@ -156,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"  {line}" for line in lines))
         return 1 if any(line.startswith("FAIL") for line in lines) else 0
     else:
-        print(json.loads(args.config.read_text())["model"])
+        try:
+            print(read_config_file(args.config)["model"])
+        except (ConfigError, KeyError) as error:
+            print(f"error: {args.config}: {error if isinstance(error, ConfigError) else 'names no model'}",
+                  file=sys.stderr)
+            return 2
     return 0
 
 

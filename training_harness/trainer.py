@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import os
 import signal
 import sys
 import time
@@ -32,11 +34,14 @@ from efficientllm_metrics import (
 from training_harness import checkpoint, distributed
 from training_harness.config import TrainConfig
 from training_harness.data import TokenWindows, resolve_data_path
-from training_harness.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM, ConfigError
+from training_harness.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM, ConfigError, DataError
 from training_harness.lm import no_weight_decay, parameter_count
+from training_harness.locks import exclusive
 from training_harness.registry import build_model, get_family
 from training_harness.run_description import CONFIG_FILE, RunDescription, git_state, versions
 from training_harness.run_log import LOG_FILE, RunLog
+
+ATTEMPTS_FILE = "attempts.jsonl"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -195,16 +200,33 @@ class Trainer:
         self.model = distributed.wrap(model, context, config.fsdp)
         self.optimizer = build_optimizer(self.model, config, context.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
-        if config.resume and checkpoint.exists(self.output):
-            self.step, restored = checkpoint.load(self.output, self.model, self.optimizer, self.scheduler)
-            if not restored:
-                self.log.say("resuming without AdamW state (checkpoint saved without --save_optimizer)")
-            self.log.say(f"resumed from step {self.step}")
+        if config.resume:
+            self._resume()
         if context.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             self.log.keep_until(self.step)
             write_json_atomic(self.output / CONFIG_FILE, self.description.as_dict())
         return self.description
+
+    def _resume(self) -> None:
+        """Continue from the checkpoint; without one, start at step 0 out loud, or refuse where a checkpoint
+        was promised (an interrupted run always saves one)."""
+        if checkpoint.exists(self.output):
+            self.step, restored = checkpoint.load(self.output, self.model, self.optimizer, self.scheduler)
+            if not restored:
+                self.log.say("resuming without AdamW state (checkpoint saved without --save_optimizer)")
+            self.log.say(f"resumed from step {self.step}")
+            return
+        try:
+            earlier = read_results(self.output)["status"]
+        except (OSError, ResultsError):
+            earlier = None
+        if earlier == "interrupted":
+            raise DataError(f"{self.output}: the interrupted run's checkpoint is missing, so --resume cannot "
+                            "continue it; move the folder away to start again")
+        if (self.output / LOG_FILE).exists():
+            self.log.say(f"no checkpoint in {self.output} (the earlier attempt ended {earlier or 'without results'}"
+                         "): starting again at step 0")
 
     def header(self, outcome: Outcome) -> RunHeader:
         """The results header: the description's, or the config's alone when setup did not get that far."""
@@ -337,11 +359,22 @@ def oom_details(context: distributed.ProcessContext) -> dict:
 def train(config: TrainConfig) -> int:
     """Run one configuration end to end; returns the process exit code."""
     output = Path(config.output_dir)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--output_dir {output}: cannot create it ({error.strerror})") from None
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other processes: rank 0 holds the folder's lock
+        return _train(config, output)
+    with exclusive(output, "a run folder"):
+        return _train(config, output)
+
+
+def _train(config: TrainConfig, output: Path) -> int:
     done = steps_done(output)
     if done is not None and done >= config.max_steps:
         print(f"{output}: already completed ({done} steps); nothing to do", file=sys.stderr)
         return 0
-    if output.exists() and (output / LOG_FILE).exists() and not config.resume:
+    if (output / LOG_FILE).exists() and not config.resume:
         print(f"{output} holds an earlier run; pass --resume to continue it or choose another --output_dir",
               file=sys.stderr)
         return EXIT_FAILED
@@ -396,4 +429,17 @@ def _write_results(trainer: Trainer, monitor: Monitor | None, measurement: RankM
         reason = "validation not run: the run did not complete" if trainer.validation is None else ""
         run = Run(measurements, description.params, description.flops_per_token, trainer.validation, reason)
         document = summarize(run, header)
+    _record_attempt(trainer.output, document)
+    if document["status"] != "completed" and steps_done(trainer.output) is not None:
+        trainer.log.say(f"this attempt ended {document['status']}; the completed results in "
+                        f"{trainer.output / RESULTS_FILE} stay, and the attempt is in {ATTEMPTS_FILE}")
+        return
     write_json_atomic(trainer.output / RESULTS_FILE, document)
+
+
+def _record_attempt(output: Path, document: dict) -> None:
+    """One line per attempt on a run folder: when, how it ended and why, how far it got."""
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "status": document["status"],
+            "error": document.get("error"), "steps": document.get("steps"), "ppl": document.get("ppl")}
+    with open(output / ATTEMPTS_FILE, "a") as handle:
+        handle.write(json.dumps(line) + "\n")

@@ -1,0 +1,154 @@
+"""Guarantees under faults and bad input (docs/reliability.md): each one with the fault injected."""
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from efficientllm_metrics import read_results
+from training_harness import checkpoint
+from training_harness.cli import main
+from training_harness.errors import EXIT_USAGE
+from training_harness.locks import exclusive
+from training_harness.prepare_data import PrepareConfig, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--seq_len", "32", "--batch_size", "2", "--micro_batch_size", "1", "--device", "cpu",
+        "--eval_windows", "2", "--sample_interval_s", "0.02"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tokenizer_file, corpus_texts):
+    root = tmp_path_factory.mktemp("prepared")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts))
+    return str(prepare(PrepareConfig(source=str(corpus), tokenizer=tokenizer_file, output_dir=str(root / "data"),
+                                     val_fraction=0.2, workers=1)))
+
+
+def train(data_dir, output, *flags):
+    return main("qwen", ["--data_path", data_dir, "--output_dir", str(output), *TINY, *flags])
+
+
+def test_preparing_into_a_folder_of_someone_elses_files_is_refused(tmp_path, corpus_file, tokenizer_file, capsys):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    config = ["--source", str(corpus_file), "--tokenizer", tokenizer_file, "--output_dir", str(mine), "--workers", "1"]
+    from training_harness.prepare_data import main as prepare_main
+
+    assert prepare_main(config) == EXIT_USAGE
+    assert "thesis.tex" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "years of work" and sorted(os.listdir(mine)) == ["thesis.tex"]
+
+
+def test_a_failed_attempt_never_replaces_completed_results(data_dir, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert train(data_dir, output, "--max_steps", "3") == 0
+    completed = read_results(output)
+    # Extending the run with a micro-batch that cannot divide the batch fails in setup.
+    assert train(data_dir, output, "--max_steps", "6", "--resume", "--micro_batch_size", "3") == EXIT_USAGE
+    assert read_results(output) == completed
+    attempts = [json.loads(line) for line in (output / "attempts.jsonl").read_text().splitlines()]
+    assert [a["status"] for a in attempts] == ["completed", "failed"] and "micro_batch_size" in attempts[1]["error"]
+    assert "completed results" in capsys.readouterr().err
+
+
+def test_a_checkpoint_swap_cut_between_its_renames_still_resumes(data_dir, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    assert train(data_dir, output, "--max_steps", "2", "--checkpoint_interval", "1", "--no-final_checkpoint") == 0
+    assert json.loads((output / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
+    os.replace(output / "checkpoint", output / ".checkpoint.old")  # the crash: old moved aside, new not yet in
+    assert checkpoint.exists(output)  # finds it (puts it back)
+    assert train(data_dir, output, "--max_steps", "4", "--resume") == 0
+    log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]  # steps 2.. redone from the step-1 checkpoint
+
+
+def test_resume_refuses_when_the_interrupted_runs_checkpoint_is_gone(data_dir, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert train(data_dir, output, "--max_steps", "2") == 0
+    results = read_results(output)
+    (output / "efficientllm_metrics.json").write_text(json.dumps({**results, "status": "interrupted"}))
+    for name in os.listdir(output / "checkpoint"):
+        os.unlink(output / "checkpoint" / name)
+    os.rmdir(output / "checkpoint")
+    assert train(data_dir, output, "--max_steps", "4", "--resume") == EXIT_USAGE
+    assert "checkpoint is missing" in capsys.readouterr().err
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_tampered_optimizer_state_is_refused_and_never_run(data_dir, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "run"
+    assert train(data_dir, output, "--max_steps", "2", "--save_optimizer") == 0
+    (output / "checkpoint" / "optimizer.pt").write_bytes(pickle.dumps(Payload()))
+    monkeypatch.chdir(tmp_path)
+    assert train(data_dir, output, "--max_steps", "3", "--resume") == EXIT_USAGE
+    assert "not a checkpoint this suite can load" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid_and_host(data_dir, tmp_path, capsys):
+    output = tmp_path / "run"
+    with exclusive(output, "a run folder"):
+        assert train(data_dir, output, "--max_steps", "2") == EXIT_USAGE
+    message = capsys.readouterr().err
+    assert f"PID {os.getpid()} on {socket.gethostname()}" in message and str(output) in message
+    assert train(data_dir, output, "--max_steps", "2") == 0  # released with the block
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "not a readable JSON config"),
+    ('{"max_steps": 10', "not a readable JSON config"),
+    ('{"max_steps": "10"}', "max_steps must be int"),
+    ('{"batch_size": 4.5}', "batch_size must be int or null"),
+    (b"\xff\xfe{", "not a readable JSON config"),
+])
+def test_a_broken_config_file_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "config.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main("qwen", ["--config", str(path), "--data_path", "d", "--output_dir", str(tmp_path / "o")]) == EXIT_USAGE
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "gpu"], "device must be cuda, cuda:N or cpu"),
+    (["--eval_windows", "0"], "eval_windows must be positive"),
+    (["--val_fraction", "0"], "val_fraction must be in (0, 1)"),
+])
+def test_bad_flags_are_one_line_before_anything_runs(tmp_path, capsys, flags, message):
+    assert main("qwen", ["--data_path", "d", "--output_dir", str(tmp_path / "o"), *flags]) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_folder_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main("qwen", ["--data_path", "d", "--output_dir", str(tmp_path / "file" / "run")]) == EXIT_USAGE
+    assert "cannot create it" in capsys.readouterr().err
+
+
+def test_the_sweep_records_a_broken_config_as_failed_and_goes_on(tmp_path, data_dir):
+    experiment = tmp_path / "experiment"
+    (experiment / "configs").mkdir(parents=True)
+    (experiment / "configs" / "mamba_0.5B.json").write_text('{"model": "mamba", "max_st')
+    good = {"model": "qwen", "model_size": "0.5B", "preset": "tiny", "data_path": data_dir, "batch_size": 2,
+            "micro_batch_size": 1, "seq_len": 32, "eval_windows": 2}
+    (experiment / "configs" / "qwen_0.5B.json").write_text(json.dumps(good))
+    env = {**os.environ, "EXPERIMENT_DIR": str(experiment), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "run_all_attention_free_experiments.sh"), "dsw", "cpu",
+                             "2"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 1
+    summary = result.stdout.split("== summary")[1]
+    assert "mamba_0.5B: failed (unreadable config" in summary and "qwen_0.5B: completed" in summary
+    assert read_results(experiment / "results" / "mamba_0.5B")["status"] == "failed"
