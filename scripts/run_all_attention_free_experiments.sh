@@ -53,6 +53,21 @@ else
 fi
 
 mkdir -p "$results_root" "$log_dir"
+# One sweep per experiment folder: the lock dies with this process; its file names the holder.
+lock=$EXPERIMENT_DIR/.efficientllm.lock
+exec 9>>"$lock"
+flock -n 9 || { echo "error: $EXPERIMENT_DIR is in use by $(cat "$lock" 2>/dev/null || echo 'another sweep'); wait for it or set EXPERIMENT_DIR" >&2; exit 2; }
+echo "PID $$ on $(hostname)" >"$lock"
+
+# Ctrl-C or SIGTERM: the current run saves its checkpoint and stops, then the sweep stops (exit 130); a
+# second one stops the run at once. The run gets its own session, so only this handler signals it.
+stop=0
+child=
+on_signal() {
+  stop=1
+  [[ -z $child ]] || kill -INT "$child" 2>/dev/null || true
+}
+trap on_signal INT TERM
 shopt -s nullglob
 configs=("$config_dir"/*.json)
 [[ ${#configs[@]} -gt 0 ]] || { echo "error: no configs in $config_dir; run scripts/generate_attention_free_configs.sh" >&2; exit 2; }
@@ -60,6 +75,7 @@ configs=("$config_dir"/*.json)
 summary=()
 failed=0
 for config in "${configs[@]}"; do
+  [[ $stop == 0 ]] || break
   name=$(basename "$config" .json)
   if [[ ${#filters[@]} -gt 0 ]]; then
     match=0
@@ -82,16 +98,23 @@ for config in "${configs[@]}"; do
   echo "== $name $(date -u +%FT%TZ) ${launcher[*]} -m training_harness.cli $model --config $config" >>"$log"
   set +e
   # shellcheck disable=SC2086 # EXTRA_ARGS is a list of flags
-  "${launcher[@]}" -m training_harness.cli "$model" --config "$config" --output_dir "$results" \
-    --max_steps "$max_steps" --device "$device_flag" --resume ${EXTRA_ARGS:-} >>"$log" 2>&1
-  code=$?
+  setsid "${launcher[@]}" -m training_harness.cli "$model" --config "$config" --output_dir "$results" \
+    --max_steps "$max_steps" --device "$device_flag" --resume ${EXTRA_ARGS:-} >>"$log" 2>&1 &
+  child=$!
+  while true; do  # a handled signal ends wait early: wait again until the run has exited
+    wait "$child"
+    code=$?
+    kill -0 "$child" 2>/dev/null || break
+  done
+  child=
   set -e
   [[ $code == 0 ]] || "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" "$code" "$log"
   status=$("$PYTHON" -m training_harness.sweep status "$results" "$max_steps")
   summary+=("$name: $status (exit $code)")
-  [[ $code == 0 ]] || failed=$((failed + 1))
+  [[ $code == 0 || $status == interrupted ]] || failed=$((failed + 1))
 done
 
 echo "== summary ($EXPERIMENT_DIR)"
 printf '%s\n' "${summary[@]}"
+[[ $stop == 0 ]] || { echo "stopped by a signal; rerun the same command to resume" >&2; exit 130; }
 [[ $failed == 0 ]] || { echo "$failed run(s) failed; see $log_dir" >&2; exit 1; }

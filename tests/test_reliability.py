@@ -1,11 +1,14 @@
 """Guarantees under faults and bad input (docs/reliability.md): each one with the fault injected."""
 
+import fcntl
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +155,43 @@ def test_the_sweep_records_a_broken_config_as_failed_and_goes_on(tmp_path, data_
     summary = result.stdout.split("== summary")[1]
     assert "mamba_0.5B: failed (unreadable config" in summary and "qwen_0.5B: completed" in summary
     assert read_results(experiment / "results" / "mamba_0.5B")["status"] == "failed"
+
+
+def sweep_of_two(tmp_path, data_dir):
+    experiment = tmp_path / "experiment"
+    (experiment / "configs").mkdir(parents=True)
+    for model in ("pythia", "qwen"):
+        config = {"model": model, "model_size": "0.5B", "preset": "tiny", "data_path": data_dir, "batch_size": 2,
+                  "micro_batch_size": 1, "seq_len": 32, "eval_windows": 2, "sample_interval_s": 0.05}
+        (experiment / "configs" / f"{model}_0.5B.json").write_text(json.dumps(config))
+    env = {**os.environ, "EXPERIMENT_DIR": str(experiment), "PYTHON": sys.executable}
+    command = ["bash", str(ROOT / "scripts" / "run_all_attention_free_experiments.sh"), "dsw", "cpu", "100000"]
+    return experiment, command, env
+
+
+def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, data_dir):
+    experiment, command, env = sweep_of_two(tmp_path, data_dir)
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    log = experiment / "results" / "pythia_0.5B" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGINT)
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, out + err
+    assert read_results(experiment / "results" / "pythia_0.5B")["status"] == "interrupted"
+    assert checkpoint.exists(experiment / "results" / "pythia_0.5B")
+    assert not (experiment / "results" / "qwen_0.5B").exists()  # the next run never started
+    assert "pythia_0.5B: interrupted" in out.split("== summary")[1] and "rerun the same command" in err
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, data_dir):
+    experiment, command, env = sweep_of_two(tmp_path, data_dir)
+    (experiment / "results").mkdir()
+    with open(experiment / ".efficientllm.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle.write("PID 4242 on elsewhere\n")
+        handle.flush()
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert result.returncode == 2 and "in use by PID 4242 on elsewhere" in result.stderr
+    assert not any((experiment / "results").iterdir())
