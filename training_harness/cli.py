@@ -7,7 +7,7 @@ import sys
 from training_harness.config import parse_config
 from training_harness.errors import EXIT_USAGE, ConfigError, DataError
 from training_harness.registry import get_family
-from training_harness.trainer import train
+from training_harness.run import train
 
 
 def main(family: str, argv: list[str] | None = None) -> int:
