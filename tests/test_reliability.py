@@ -195,3 +195,26 @@ def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, data_dir):
         result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert result.returncode == 2 and "in use by PID 4242 on elsewhere" in result.stderr
     assert not any((experiment / "results").iterdir())
+
+
+def test_a_checkpoint_continues_only_its_own_run(data_dir, tmp_path, corpus_file, tokenizer_file, capsys):
+    output = tmp_path / "run"
+    assert train(data_dir, output, "--max_steps", "2") == 0
+    pythia = main("pythia", ["--data_path", data_dir, "--output_dir", str(output), *TINY, "--max_steps", "4",
+                             "--resume"])
+    assert pythia == EXIT_USAGE and "family qwen, this run is of pythia" in capsys.readouterr().err
+    other = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "d2"),
+                                  val_fraction=0.3, workers=1))
+    assert train(str(other), output, "--max_steps", "4", "--resume") == EXIT_USAGE
+    assert "trained on other data" in capsys.readouterr().err
+    assert read_results(output)["steps"] == 2  # the completed run is untouched
+
+
+def test_a_second_prepare_of_the_same_folder_is_refused(tmp_path, corpus_file, tokenizer_file, capsys):
+    from training_harness.prepare_data import main as prepare_main
+
+    output = tmp_path / "data"
+    with exclusive(output, "a prepared data folder", beside=True):
+        assert prepare_main(["--source", str(corpus_file), "--tokenizer", tokenizer_file, "--output_dir", str(output),
+                             "--workers", "1"]) == EXIT_USAGE
+    assert f"PID {os.getpid()}" in capsys.readouterr().err and not output.exists()

@@ -20,11 +20,12 @@ class FolderInUse(ConfigError):
 
 
 @contextlib.contextmanager
-def exclusive(folder: Path, what: str) -> Iterator[None]:
-    """Hold ``folder``'s lock (made if missing) while the block runs; raise FolderInUse, naming the holder's
-    PID and host, if another process holds it. ``what`` names the folder in the message (a run folder)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_FILE
+def exclusive(folder: Path, what: str, beside: bool = False) -> Iterator[None]:
+    """Hold ``folder``'s lock while the block runs; raise FolderInUse, naming the holder's PID and host, if
+    another process holds it. ``what`` names the folder in the message (a run folder). The lock file lies in
+    the folder, or ``beside`` it for a folder that is replaced by renaming (prepared data)."""
+    (folder.parent if beside else folder).mkdir(parents=True, exist_ok=True)
+    path = folder.with_name(f".{folder.name}.lock") if beside else folder / LOCK_FILE
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -41,4 +42,6 @@ def exclusive(folder: Path, what: str) -> Iterator[None]:
         finally:
             handle.seek(0)
             handle.truncate()
+            if beside:  # leave nothing beside the user's folder (a process opening it just now is refused anyway)
+                path.unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from efficientllm_metrics import atomic_folder
 from training_harness.errors import EXIT_USAGE, DataError
 from training_harness.flags import dataclass_parser
+from training_harness.locks import exclusive
 from training_harness.tokenization import end_of_text_id, load_tokenizer, tokenizer_name
 
 META_FILE = "meta.json"
@@ -214,8 +215,14 @@ def _token_dtype(requested: str, vocab_size: int) -> np.dtype:
 
 
 def prepare(config: PrepareConfig) -> Path:
-    """Tokenize ``config.source`` into ``config.resolved_output_dir()``; reuse it when already complete."""
+    """Tokenize ``config.source`` into ``config.resolved_output_dir()``; reuse it when already complete. One
+    process at a time per folder: a second waits for nothing and is refused (FolderInUse)."""
     output = config.resolved_output_dir()
+    with exclusive(output, "a prepared data folder", beside=True):
+        return _prepare(config, output)
+
+
+def _prepare(config: PrepareConfig, output: Path) -> Path:
     if _is_complete(output, config):
         print(f"reusing {output} (complete, same arguments)", file=sys.stderr)
         return output
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = PrepareConfig(**vars(args))
         output = prepare(config)
-    except (DataError, ValueError) as error:
+    except (DataError, ValueError) as error:  # FolderInUse and NotOurFolder are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     meta = read_meta(output)

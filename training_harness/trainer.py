@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import time
@@ -190,6 +191,7 @@ class Trainer:
         """Continue from the checkpoint; without one, start at step 0 out loud, or refuse where a checkpoint
         was promised (an interrupted run always saves one)."""
         if checkpoint.exists(self.output):
+            self._check_same_run()
             self.step, restored = checkpoint.load(self.output, self.model, self.optimizer, self.scheduler)
             if not restored:
                 self.log.say("resuming without AdamW state (checkpoint saved without --save_optimizer)")
@@ -205,6 +207,23 @@ class Trainer:
         if (self.output / LOG_FILE).exists():
             self.log.say(f"no checkpoint in {self.output} (the earlier attempt ended {earlier or 'without results'}"
                          "): starting again at step 0")
+
+    def _check_same_run(self) -> None:
+        """A checkpoint continues only the run it came from: the same family, preset, size, shapes and data
+        as the description it left in config.json (checked before any weight is loaded)."""
+        try:
+            earlier = json.loads((self.output / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            return  # no description to compare with: the weights' own shapes are still checked on loading
+        now = self.description.as_dict()
+        earlier_data, now_data = (earlier.get("data") or {}).get("content_sha256"), now["data"]["content_sha256"]
+        for key in ("family", "preset", "size", "shape"):
+            if key in earlier and earlier[key] != now[key]:
+                raise DataError(f"{self.output}: its checkpoint is of {key} {earlier[key]}, this run is of "
+                                f"{now[key]}; choose another --output_dir, or drop --resume")
+        if earlier_data and earlier_data != now_data:
+            raise DataError(f"{self.output}: its checkpoint trained on other data (content {earlier_data[:12]}, "
+                            f"now {now_data[:12]}: another --data_path or tokenizer); choose another --output_dir")
 
     def header(self, outcome: Outcome) -> RunHeader:
         """The results header: the description's, or the config's alone when setup did not get that far."""
