@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import pickle
+import random
 import signal
 import socket
 import subprocess
@@ -218,3 +219,61 @@ def test_a_second_prepare_of_the_same_folder_is_refused(tmp_path, corpus_file, t
         assert prepare_main(["--source", str(corpus_file), "--tokenizer", tokenizer_file, "--output_dir", str(output),
                              "--workers", "1"]) == EXIT_USAGE
     assert f"PID {os.getpid()}" in capsys.readouterr().err and not output.exists()
+
+
+def soak_sweep(root: Path, data_dir: str, steps: int) -> tuple[Path, list[str], dict]:
+    experiment = root / "experiment"
+    (experiment / "configs").mkdir(parents=True)
+    for model in ("mamba", "pythia", "qwen", "rwkv"):
+        config = {"model": model, "model_size": "0.5B", "preset": "tiny", "data_path": data_dir, "batch_size": 2,
+                  "micro_batch_size": 1, "seq_len": 32, "eval_windows": 2, "sample_interval_s": 0.05,
+                  "checkpoint_interval": 1, "save_optimizer": True}
+        (experiment / "configs" / f"{model}_0.5B.json").write_text(json.dumps(config))
+    env = {**os.environ, "EXPERIMENT_DIR": str(experiment), "PYTHON": sys.executable}
+    command = ["bash", str(ROOT / "scripts" / "run_all_attention_free_experiments.sh"), "dsw", "cpu", str(steps)]
+    return experiment, command, env
+
+
+def logged_losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def kill_at_step(run: Path, step: int, signum: int, sweep: subprocess.Popen) -> bool:
+    """Signal the run's own process (the PID its lock names) once its log reaches ``step``."""
+    while sweep.poll() is None:
+        lock = run / ".efficientllm.lock"
+        holder = lock.read_text().split() if lock.exists() else []
+        if (run / "log.jsonl").exists() and len(logged_losses(run)) >= step and holder:
+            try:
+                os.kill(int(holder[1]), signum)
+                return True
+            except ProcessLookupError:  # the PID of an attempt killed before: wait for the next one
+                pass
+        time.sleep(0.05)
+    return False
+
+
+def test_soak_a_sweep_killed_at_random_steps_ends_as_an_uninterrupted_one(tmp_path, data_dir):
+    steps, rng = 4, random.Random(21)
+    straight, command, env = soak_sweep(tmp_path / "straight", data_dir, steps)
+    assert subprocess.run(command, capture_output=True, env=env, cwd=ROOT, timeout=300).returncode == 0
+    soaked, command, env = soak_sweep(tmp_path / "soaked", data_dir, steps)
+    faults = 0
+    for _ in range(12):
+        sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        pending = [f"{m}_0.5B" for m in ("mamba", "pythia", "qwen", "rwkv")
+                   if not (soaked / "results" / f"{m}_0.5B" / "efficientllm_metrics.json").exists()
+                   or read_results(soaked / "results" / f"{m}_0.5B")["status"] != "completed"]
+        for name in pending:  # in the sweep's order; each run of the first round is cut, later ones by chance
+            if faults < 4 or rng.random() < 0.25:
+                signum = rng.choice([signal.SIGTERM, signal.SIGKILL])
+                faults += kill_at_step(soaked / "results" / name, rng.randint(1, steps - 1), signum, sweep)
+        if sweep.wait(timeout=300) == 0 and not pending:
+            break
+    assert faults >= 4  # every run was cut at least once
+    for name in ("mamba_0.5B", "pythia_0.5B", "qwen_0.5B", "rwkv_0.5B"):
+        assert read_results(soaked / "results" / name)["status"] == "completed"
+        got, want = logged_losses(soaked / "results" / name), logged_losses(straight / "results" / name)
+        assert [step for step, _ in got] == list(range(1, steps + 1))  # no step logged twice, none missing
+        assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
