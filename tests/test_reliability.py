@@ -277,3 +277,15 @@ def test_soak_a_sweep_killed_at_random_steps_ends_as_an_uninterrupted_one(tmp_pa
         got, want = logged_losses(soaked / "results" / name), logged_losses(straight / "results" / name)
         assert [step for step, _ in got] == list(range(1, steps + 1))  # no step logged twice, none missing
         assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["corpus.jsonl", "corpus.txt"])
+def test_text_that_is_not_utf8_is_one_line_naming_the_file(tmp_path, tokenizer_file, capsys, name):
+    from training_harness.prepare_data import main as prepare_main
+
+    source = tmp_path / name
+    source.write_bytes(b'{"text": "caf\xe9"}\n' if name.endswith("jsonl") else b"caf\xe9\n")
+    assert prepare_main(["--source", str(source), "--tokenizer", tokenizer_file, "--output_dir",
+                         str(tmp_path / "out"), "--workers", "1"]) == EXIT_USAGE
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"{source}: not UTF-8 text" in error and "iconv" in error

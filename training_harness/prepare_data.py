@@ -147,7 +147,12 @@ def iter_documents(config: PrepareConfig) -> Iterator[str]:
             yield example[config.text_field]
         return
     for path in _local_files(Path(config.source)):
-        yield from _read_file(path, config.text_field)
+        try:
+            yield from _read_file(path, config.text_field)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 text (byte {error.start} of a read block: "
+                            f"{error.object[error.start:error.start + 4]!r}); convert the file to UTF-8 first, e.g. "
+                            f"iconv -f latin1 -t utf-8") from None
 
 
 def is_validation(index: int, fraction: float) -> bool:

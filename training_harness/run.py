@@ -59,6 +59,8 @@ def train(config: TrainConfig) -> int:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"--output_dir {output}: cannot create it ({error.strerror})") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {output}: not writable by this user; choose another folder")
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other processes: rank 0 holds the folder's lock
         return _train(config, output)
     with exclusive(output, "a run folder"):
