@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from efficientllm_metrics import Monitor
-from training_harness.registry import get_family
+from training_harness.registry import build_model, get_family
 
 MODES = {"off": None, "100ms": 0.1, "10ms": 0.01}
 
@@ -29,10 +29,9 @@ MODES = {"off": None, "100ms": 0.1, "10ms": 0.01}
 def make_step(family_name: str, seq_len: int):
     family = get_family(family_name)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = family.build(family.shape("0.5B", "paper"), 50_304, "cuda", False)
+    model = build_model(family, "0.5B", "paper", family.default_vocab_rows("paper"), "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, 50_304, (1, seq_len + 1), device="cuda")
+    tokens = torch.randint(0, family.tokenizer_vocab, (1, seq_len + 1), device="cuda")
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
