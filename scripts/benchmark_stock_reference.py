@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
 from training_harness.config import SPEC_GLOBAL_BATCH
-from training_harness.profiling import profile_steps
+from training_harness.profiling import profile_steps, speed, time_steps
 from training_harness.registry import SIZES, family_names, get_family
 from training_harness.sweep import gpu_plan
 
@@ -42,7 +40,7 @@ def main() -> int:
     if family.stock is None:
         parser.error(f"{args.family} names no stock implementation")
     global_batch = SPEC_GLOBAL_BATCH[args.size]
-    micro = args.micro_batch_size or gpu_plan(args.family, args.size)["micro_batch_size"]
+    micro = args.micro_batch_size or gpu_plan(args.family, args.size).get("micro_batch_size", 1)
     if global_batch % micro:
         parser.error(f"--micro_batch_size {micro} does not divide the global batch {global_batch}")
     torch.manual_seed(0)
@@ -60,27 +58,17 @@ def main() -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = []
     try:
-        for _ in range(args.steps):
-            started = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
+        times = time_steps(step, args.steps)
     except torch.cuda.OutOfMemoryError:
         print(json.dumps({"family": args.family, "size": args.size, "micro_batch_size": micro,
                           "error": f"out of memory at micro-batch {micro}"}))
         return 0
-    steady = times[1:] or times
-    step_s = statistics.median(steady)
     row = {"family": args.family, "size": args.size, "implementation": family.stock.name, "micro_batch_size": micro,
            "global_batch": global_batch, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-           "tokens_per_s": global_batch * args.seq_len / step_s, "s_per_step": step_s,
-           "step_s_spread": [min(steady), max(steady)], "first_step_s": times[0],
-           "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9, "device": torch.cuda.get_device_name()}
+           **speed(times[1:] or times, global_batch * args.seq_len), "first_step_s": times[0]}
     if args.profile_steps:
-        profiled = profile_steps(step, args.profile_steps, args.top)
-        row.update(profiled, gpu_busy=profiled["gpu_kernel_s_per_step"] / step_s)
+        row.update(profile_steps(step, args.profile_steps, args.top, row["s_per_step"]))
     print(json.dumps(row))
     return 0
 

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
-
-import torch
 
 from training_harness import distributed
 from training_harness.config import parse_config
-from training_harness.profiling import profile_steps
+from training_harness.profiling import profile_steps, speed, time_steps
 from training_harness.sweep import plan_flags
 from training_harness.trainer import Trainer
 
@@ -50,21 +46,12 @@ def main() -> int:
             trainer.train_step()
             trainer.step += 1
 
-        times = []
-        for index in range(args.warmup_steps + args.timed_steps):
-            started = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            if index >= args.warmup_steps:
-                times.append(time.perf_counter() - started)
-        step_s = statistics.median(times)
+        time_steps(step, args.warmup_steps)  # compilation, autotuning
+        times = time_steps(step, args.timed_steps)
         tokens = trainer.micro_batch * trainer.accumulation * config.seq_len
         row = {"family": args.family, "size": args.size, "flags": " ".join(flags[4:]),
-               "micro_batch_size": trainer.micro_batch, "tokens_per_s": tokens / step_s, "s_per_step": step_s,
-               "step_s_spread": [min(times), max(times)], "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9,
-               "device": torch.cuda.get_device_name()}
-        profiled = profile_steps(step, args.profile_steps, args.top)
-        row.update(profiled, gpu_busy=profiled["gpu_kernel_s_per_step"] / step_s)
+               "micro_batch_size": trainer.micro_batch, **speed(times, tokens)}
+        row.update(profile_steps(step, args.profile_steps, args.top, row["s_per_step"]))
     print(json.dumps(row))
     return 0
 

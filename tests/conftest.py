@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from training_harness.prepare_data import PrepareConfig, prepare
 from training_harness.tokenization import default_corpus_path, train_byte_level_tokenizer
 
 
@@ -22,3 +23,13 @@ def corpus_file(tmp_path, corpus_texts):
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts))
     return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, tokenizer_file, corpus_texts) -> str:
+    """The test corpus prepared once: a fifth of its documents held out."""
+    root = tmp_path_factory.mktemp("prepared")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts))
+    return str(prepare(PrepareConfig(source=str(corpus), tokenizer=tokenizer_file, output_dir=str(root / "data"),
+                                     val_fraction=0.2, workers=1)))

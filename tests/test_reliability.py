@@ -26,15 +26,6 @@ TINY = ["--preset", "tiny", "--seq_len", "32", "--batch_size", "2", "--micro_bat
         "--eval_windows", "2", "--sample_interval_s", "0.02"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tokenizer_file, corpus_texts):
-    root = tmp_path_factory.mktemp("prepared")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts))
-    return str(prepare(PrepareConfig(source=str(corpus), tokenizer=tokenizer_file, output_dir=str(root / "data"),
-                                     val_fraction=0.2, workers=1)))
-
-
 def train(data_dir, output, *flags):
     return main("qwen", ["--data_path", data_dir, "--output_dir", str(output), *TINY, *flags])
 

@@ -14,20 +14,10 @@ from training_harness import trainer as trainer_module
 from training_harness.cli import main
 from training_harness.config import parse_config
 from training_harness.errors import EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM, ConfigError
-from training_harness.prepare_data import PrepareConfig, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--seq_len", "32", "--batch_size", "2", "--micro_batch_size", "1", "--device", "cpu",
         "--eval_windows", "4", "--sample_interval_s", "0.02"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tokenizer_file, corpus_texts):
-    root = tmp_path_factory.mktemp("prepared")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts))
-    return str(prepare(PrepareConfig(source=str(corpus), tokenizer=tokenizer_file, output_dir=str(root / "data"),
-                                     val_fraction=0.2, workers=1)))
 
 
 def read_results(output: Path) -> dict:

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 
 
-def profile_steps(step: Callable[[], None], steps: int, top: int = 15) -> dict:
-    """Run ``step`` ``steps`` times under torch.profiler (CUDA); per step: kernel seconds, kernel launches, and
-    the ``top`` kernels by their own GPU time. Kernel seconds far below a step's wall time (timed without the
-    profiler) mean the host, not the GPU, sets the speed."""
+def speed(times: list[float], tokens_per_step: int) -> dict:
+    """Median step time and its tokens/s, the spread of the steps, peak allocated memory and the GPU's name."""
+    step_s = statistics.median(times)
+    return {"tokens_per_s": tokens_per_step / step_s, "s_per_step": step_s, "step_s_spread": [min(times), max(times)],
+            "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9, "device": torch.cuda.get_device_name()}
+
+
+def time_steps(step: Callable[[], None], steps: int) -> list[float]:
+    """Wall seconds of each of ``steps`` calls of ``step``, the GPU synchronized after each."""
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def profile_steps(step: Callable[[], None], steps: int, top: int, step_s: float) -> dict:
+    """Run ``step`` ``steps`` times under torch.profiler (CUDA); per step: kernel seconds, the share of
+    ``step_s`` (the step's wall time, timed without the profiler) they fill, kernel launches, and the ``top``
+    kernels by their own GPU time. A low busy share means the host, not the GPU, sets the speed."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -25,6 +45,6 @@ def profile_steps(step: Callable[[], None], steps: int, top: int = 15) -> dict:
         by_name[event.name] += event.device_time / 1e6 / steps
     total = sum(by_name.values())
     ranked = sorted(by_name.items(), key=lambda item: -item[1])[:top]
-    return {"gpu_kernel_s_per_step": total, "kernels_per_step": round(len(kernels) / steps),
+    return {"gpu_kernel_s_per_step": total, "gpu_busy": total / step_s, "kernels_per_step": round(len(kernels) / steps),
             "top_kernels": [{"name": name[:120], "s_per_step": seconds, "share": seconds / total}
                             for name, seconds in ranked]}

@@ -94,7 +94,7 @@ def check_results(results_root: Path, required: list[str]) -> list[str]:
         if results["status"] != "completed" or missing:
             lines.append(f"FAIL {folder.name}: {results['status']} {results.get('error') or ''} null: {missing}")
         else:
-            lines.append(f"ok {folder.name}: PPL {results.get('ppl'):.1f}, AL {results.get('al_s_per_iter'):.3f} s")
+            lines.append(f"ok {folder.name}: PPL {results.get('ppl')}, AL {results.get('al_s_per_iter')} s/iter")
     return lines or [f"FAIL {results_root}: no run folders"]
 
 
