@@ -56,7 +56,11 @@ mkdir -p "$results_root" "$log_dir"
 # One sweep per experiment folder: the lock dies with this process; its file names the holder.
 lock=$EXPERIMENT_DIR/.efficientllm.lock
 exec 9>>"$lock"
-flock -n 9 || { echo "error: $EXPERIMENT_DIR is in use by $(cat "$lock" 2>/dev/null || echo 'another sweep'); wait for it or set EXPERIMENT_DIR" >&2; exit 2; }
+if ! flock -n 9; then
+  holder=$(cat "$lock" 2>/dev/null || true)
+  echo "error: $EXPERIMENT_DIR is in use by ${holder:-another sweep}; wait for it or set EXPERIMENT_DIR" >&2
+  exit 2
+fi
 echo "PID $$ on $(hostname)" >"$lock"
 
 # Ctrl-C or SIGTERM: the current run saves its checkpoint and stops, then the sweep stops (exit 130); a
