@@ -224,7 +224,8 @@ def report(frame: pd.DataFrame) -> str:
             if (size, key) in best:
                 winner = group[pd.to_numeric(group[key], errors="coerce") == best[(size, key)]]["display_name"]
                 lines.append(f"  {size} {header}: {', '.join(winner)} ({fmt.format(best[(size, key)])})")
-    lines += ["", "Ranking (ours: mean rank over sizes where every family completed; 1 = best)", *rank_table(frame),
+    lines += ["", "Ranking (ours: mean rank over sizes where every family completed; 1 = best; published: the "
+              "attention-free table of EfficientLLM, arXiv 2505.13840)", *rank_table(frame),
               "", "Anomalies", *(f"  {a}" for a in anomalies(frame)), ""]
     return "\n".join(lines)
 
