@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Run every config of the sweep, each in a process of its own; rerunning skips completed runs.
+# Modes: dsw, one node (one GPU, or several under torchrun); dlc, a multi-node cluster job.
 #
 #   scripts/run_all_attention_free_experiments.sh dsw cuda:0 10000            # one GPU
 #   scripts/run_all_attention_free_experiments.sh dsw cuda:0,1,2,3 10000 qwen  # 4 GPUs, configs matching "qwen"
@@ -13,11 +14,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
-  echo "usage: $0 <dsw|dlc> <cpu|cuda:N[,M...]> <max_steps> [config-name filters...]" >&2
-  exit 2
+usage() {  # the header comment above, then the synopsis; to stderr with exit 2 after a mistake
+  local code=${1:-2}
+  {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    echo "usage: $0 <dsw|dlc> <cpu|cuda:N[,M...]> <max_steps> [config-name filters...]"
+  } >&"$(( code == 0 ? 1 : 2 ))"
+  exit "$code"
 }
+[[ ${1:-} == -h || ${1:-} == --help ]] && usage 0
 [[ $# -ge 3 ]] || usage
 mode=$1; devices=$2; max_steps=$3; shift 3
 filters=("$@")

@@ -187,3 +187,10 @@ def test_a_fifth_family_registered_from_outside_runs_generate_train_collect(tmp_
     report = (experiment / "tables" / "attention_free_report.txt").read_text()
     assert "Toy shift" in report and "(not in the study)" in report and "Mamba" in report
     assert "Toy shift" in (experiment / "tables" / "attention_free_table.tex").read_text()
+
+
+def test_driver_help_exits_zero_with_the_header_and_synopsis():
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "run_all_attention_free_experiments.sh"), "--help"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0 and result.stderr == ""
+    assert "dsw, one node" in result.stdout and "usage: " in result.stdout and "set -euo" not in result.stdout
