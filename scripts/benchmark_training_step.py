@@ -29,6 +29,7 @@ import torch
 
 from efficientllm_metrics import ResultsError, read_results, write_json_atomic
 from training_harness.registry import SIZES, family_names, get_family
+from training_harness.run_log import LOG_FILE, read_log
 from training_harness.sweep import plan_flags
 from training_harness.tokenization import tokenizer_name
 
@@ -60,8 +61,7 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
         return {**row, "status": f"failed (exit {result.returncode})", "stderr": result.stderr[-20_000:]}
     if metrics.get("params") is None:
         return {**row, "status": f"{metrics['status']}: {metrics.get('error')} {result.stderr.strip()[-500:]}"}
-    log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()] \
-        if (output / "log.jsonl").exists() else []
+    log = read_log(output / LOG_FILE)
     first = next((r["step_s"] for r in log if r.get("step") == 1 and "step_s" in r), None)
     row.update(status=metrics["status"], micro=metrics.get("micro_batch_size"),
                params_m=round(metrics["params"] / 1e6, 1),

@@ -280,3 +280,12 @@ def test_text_that_is_not_utf8_is_one_line_naming_the_file(tmp_path, tokenizer_f
                          str(tmp_path / "out"), "--workers", "1"]) == EXIT_USAGE
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and f"{source}: not UTF-8 text" in error and "iconv" in error
+
+
+def test_a_log_record_cut_short_by_a_kill_is_dropped_on_resume(data_dir, tmp_path):
+    output = tmp_path / "run"
+    assert train(data_dir, output, "--max_steps", "2", "--checkpoint_interval", "1", "--no-final_checkpoint") == 0
+    with open(output / "log.jsonl", "a") as handle:
+        handle.write('{"step": 2, "lo')  # SIGKILL in the middle of an append
+    assert train(data_dir, output, "--max_steps", "4", "--resume") == 0
+    assert [step for step, _ in logged_losses(output)] == [1, 2, 3, 4]

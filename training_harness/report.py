@@ -11,7 +11,6 @@ with the reason; a metric that could not be measured shows why.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure  # figures drawn straight to files: no pypl
 
 from efficientllm_metrics import RESULTS_FILE, ResultsError, read_results
 from training_harness.registry import SIZES, family_names, get_family
+from training_harness.run_log import LOG_FILE, read_log
 
 #: Table metrics: column, header, format, whether lower is better.
 TABLE_METRICS = [
@@ -237,10 +237,7 @@ def plot_losses(frame: pd.DataFrame, results_dir: Path, output_dir: Path) -> lis
         axis = figure.subplots()
         plotted = False
         for row in frame[frame["size"] == size].itertuples():
-            log = results_dir / f"{row.model}_{size}" / "log.jsonl"
-            if not log.exists():
-                continue
-            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            records = read_log(results_dir / f"{row.model}_{size}" / LOG_FILE)
             steps = [r["step"] for r in records if "loss" in r]
             if steps:
                 axis.plot(steps, [r["loss"] for r in records if "loss" in r], label=row.display_name)

@@ -8,7 +8,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from efficientllm_metrics import atomic_file
+
 LOG_FILE = "log.jsonl"
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a run's log.jsonl (none if it is missing). A record cut short by a killed process, the
+    last line only, is left out."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 class RunLog:
@@ -33,9 +49,8 @@ class RunLog:
         """Drop records past ``step`` (a resumed run is about to redo those steps)."""
         path = self.output / LOG_FILE
         if self.is_main and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+            with atomic_file(path) as handle:  # a crash here leaves the old log whole
+                handle.writelines(json.dumps(record) + "\n" for record in read_log(path) if record["step"] <= step)
 
     def open(self, first_step: int, total_steps: int) -> None:
         """Start TensorBoard and the progress display before the loop."""
