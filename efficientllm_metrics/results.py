@@ -105,7 +105,9 @@ class Validation:
 
     mean_loss_nats: float
     tokens: int
-    utf8_bytes: int
+    utf8_bytes: float
+    bytes_source: str
+    """How ``utf8_bytes`` was found: exact per-token bytes, or an estimate."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,8 @@ def _bpb(run: Run) -> Metric:
         return Metric(None, run.validation_reason)
     v = run.validation
     return Metric(bits_per_byte(v.mean_loss_nats, v.tokens, v.utf8_bytes),
-                  "cross-entropy bits / UTF-8 bytes of the same held-out text")
+                  f"cross-entropy bits over {v.tokens} held-out tokens / {v.utf8_bytes:,.0f} bytes, "
+                  f"{v.bytes_source}")
 
 
 #: The one place metrics are registered: name -> function of the combined run.

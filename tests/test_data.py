@@ -4,12 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from training_harness import prepare_data
 from training_harness.data import TokenWindows
 from training_harness.errors import DataError
 from training_harness.prepare_data import PrepareConfig, is_validation, prepare
-from training_harness.tokenization import load_tokenizer
+from training_harness.tokenization import load_tokenizer, token_utf8_bytes, train_byte_level_tokenizer
 
 
 def expected_splits(texts, tokenizer_file, fraction):
@@ -210,3 +211,54 @@ def test_hub_source_streams_the_configured_dataset(tmp_path, corpus_texts, token
                                 max_tokens=1500, workers=1))
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-350BT", "train", True)]
     assert 1000 < json.loads((out / "meta.json").read_text())["splits"]["train"]["tokens"] <= 1500
+
+
+def test_bpb_bytes_are_the_exact_bytes_of_the_evaluated_tokens(tmp_path, corpus_file, tokenizer_file):
+    out = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "d"),
+                                val_fraction=0.25, workers=1))
+    windows = TokenWindows(out, "val", seq_len=16)
+    assert "exact" in windows.bytes_source
+    # Every token's bytes, EOS counting none, add up to the held-out documents' UTF-8 bytes exactly.
+    all_tokens = torch.from_numpy(np.asarray(windows.tokens, dtype=np.int64))
+    assert windows.utf8_bytes(all_tokens) == json.loads((out / "meta.json").read_text())["splits"]["val"]["utf8_bytes"]
+    tokenizer = load_tokenizer(tokenizer_file)
+    for _, labels in windows.validation_batches(0, batch_size=1):
+        text = tokenizer.decode(labels[0].tolist())
+        if "\ufffd" not in text:  # a window may cut a character's bytes apart; those cannot be decoded
+            assert windows.utf8_bytes(labels) == len(text.replace("<|endoftext|>", "").encode())
+
+
+def test_every_tokenizer_holds_out_the_same_documents(tmp_path, corpus_file, corpus_texts):
+    folders = []
+    for vocab in (300, 384):
+        tokenizer = train_byte_level_tokenizer(corpus_texts, tmp_path / f"tok{vocab}" / "tokenizer.json", vocab)
+        folders.append(prepare(PrepareConfig(source=str(corpus_file), tokenizer=str(tokenizer), workers=1,
+                                             output_dir=str(tmp_path / f"d{vocab}"), val_fraction=0.25)))
+    small, large = (json.loads((folder / "meta.json").read_text())["splits"] for folder in folders)
+    assert small["val"]["tokens"] > large["val"]["tokens"]  # different tokenizers ...
+    for split in ("train", "val"):  # ... of the same documents, bytes for bytes
+        assert (small[split]["documents"], small[split]["utf8_bytes"]) == \
+            (large[split]["documents"], large[split]["utf8_bytes"])
+
+
+def test_a_vocabulary_that_is_not_byte_level_gets_an_estimate_said_so(tmp_path, corpus_file):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "the": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tmp_path / "words.json"))
+    assert token_utf8_bytes(load_tokenizer(str(tmp_path / "words.json"))) is None
+    out = prepare(PrepareConfig(source=str(corpus_file), tokenizer=str(tmp_path / "words.json"), workers=1,
+                                output_dir=str(tmp_path / "d"), val_fraction=0.25))
+    windows = TokenWindows(out, "val", seq_len=16)
+    assert not (out / "token_bytes.npy").exists() and "estimate" in windows.bytes_source
+    meta = windows.meta["splits"]["val"]
+    assert windows.utf8_bytes(torch.zeros(meta["tokens"], dtype=torch.int64)) == pytest.approx(meta["utf8_bytes"])
+
+
+def test_a_local_source_is_recorded_as_itself(tmp_path, corpus_file, tokenizer_file):
+    out = prepare(PrepareConfig(source=str(corpus_file), tokenizer=tokenizer_file, output_dir=str(tmp_path / "d"),
+                                val_fraction=0.25, workers=1))
+    arguments = json.loads((out / "meta.json").read_text())["arguments"]
+    assert arguments["source"] == str(corpus_file.resolve())
+    assert not {"dataset", "dataset_config", "split"} & set(arguments)

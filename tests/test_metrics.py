@@ -76,7 +76,8 @@ def test_exact_metrics_on_synthetic_timeline():
     monitor, measurement = run_fake_training(clock, FakeGpu(clock))
     # Warm-up: 2 iterations of 10 s, so the window is [20, 24]; memory is 3 GB throughout.
     doc = summarize(Run([measurement], params=1000, flops_per_token=6000.0,
-                        validation=Validation(math.log(20.0), tokens=50, utf8_bytes=200)), COMPLETED)
+                        validation=Validation(math.log(20.0), tokens=50, utf8_bytes=200, bytes_source="given")),
+                    COMPLETED)
     assert doc["window_s"] == pytest.approx(4.0)
     assert doc["al_s_per_iter"] == pytest.approx(1.0)
     assert doc["tokens"] == 400

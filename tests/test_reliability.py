@@ -118,7 +118,7 @@ def test_a_broken_config_file_is_one_line(tmp_path, capsys, content, message):
 
 @pytest.mark.parametrize("flags, message", [
     (["--device", "gpu"], "device must be cuda, cuda:N or cpu"),
-    (["--eval_windows", "0"], "eval_windows must be positive"),
+    (["--eval_windows", "-1"], "eval_windows must be 0 (all) or positive"),
     (["--val_fraction", "0"], "val_fraction must be in (0, 1)"),
 ])
 def test_bad_flags_are_one_line_before_anything_runs(tmp_path, capsys, flags, message):

@@ -57,6 +57,7 @@ def test_generated_paper_configs_carry_the_gpu_plan(tmp_path):
     for path in written:
         config = parse_config(["--config", str(path), "--output_dir", "o"], path.stem.split("_")[0], "")
         assert config.compile and config.global_batch == {"0.5B": 8, "1.5B": 4, "3B": 2}[config.model_size]
+        assert (config.data_order, config.eval_interval, config.eval_windows) == ("sequential", 50, 0)
         micro, accumulation = config.batch_plan(world_size=1)  # the micro-batch divides the spec's batch
         assert (micro, config.activation_checkpointing) == (
             get_family(config.model).gpu_plan[config.model_size]["micro_batch_size"],
@@ -172,10 +173,17 @@ def test_a_fifth_family_registered_from_outside_runs_generate_train_collect(tmp_
          "--output_dir", str(experiment / "configs"), "--shared_tokenizer", tokenizer_file],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert generated.returncode == 0, generated.stderr
+    # The protocol's 250 steps of 8 windows overrun the test corpus: said before anything runs ...
+    assert "WARNING: toy 0.5B: 250 steps need 64,000 training tokens" in generated.stderr
     driver = subprocess.run(["bash", str(ROOT / "scripts" / "run_all_attention_free_experiments.sh"), "dsw", "cpu",
                              "3"], capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env={**env, "EXPERIMENT_DIR": str(experiment), "EXTRA_ARGS": "--eval_windows 2"})
     assert driver.returncode == 0, driver.stdout + driver.stderr
+    # The driver's 3 steps fit; the run's banner says what it reads and warns of its 2 validation windows.
+    log = (experiment / "logs" / "toy_0.5B.log").read_text()
+    assert "3 steps = 768 training tokens" in log and "WARNING: validation on 2 windows" in log
+    data = json.loads((experiment / "results" / "toy_0.5B" / "config.json").read_text())["data"]
+    assert data["training_passes"] == pytest.approx(3 * 8 * 32 / data["train_tokens"], rel=1e-3)
     collected = subprocess.run([sys.executable, str(ROOT / "scripts" / "collect_attention_free_results.py"),
                                 "--results_dir", str(experiment / "results"), "--output_dir",
                                 str(experiment / "tables")], capture_output=True, text=True, env=env, timeout=120)

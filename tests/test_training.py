@@ -248,3 +248,26 @@ def test_periodic_evaluation_is_logged_and_kept_out_of_the_window(data_dir, tmp_
     results = read_results(output)
     assert results["provenance"]["measured_iterations"] == 8 - 3
     assert results["tokens"] == (8 - 3) * 2 * 32
+
+
+def test_the_commit_is_recorded_in_a_checkout_and_from_the_environment_outside_one(tmp_path, monkeypatch):
+    from training_harness import run_description
+
+    in_checkout = run_description.git_state()
+    assert len(in_checkout["commit"]) == 40 and isinstance(in_checkout["dirty"], bool)
+    monkeypatch.setattr(run_description, "_CHECKOUT", tmp_path)  # a copy without .git
+    monkeypatch.delenv(run_description.SOURCE_COMMIT_VARIABLE, raising=False)
+    assert run_description.git_state()["commit"] is None
+    monkeypatch.setenv(run_description.SOURCE_COMMIT_VARIABLE, "abc123")
+    assert run_description.git_state() == {
+        "commit": "abc123", "dirty": None, "reason": "not a git checkout; the commit is EFFICIENTLLM_SOURCE_COMMIT's"}
+
+
+def test_a_budget_beyond_the_training_split_is_said_before_the_first_step(data_dir, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert run_in_process(data_dir, output, "--max_steps", "2", "--batch_size", "64", "--micro_batch_size", "64") == 0
+    said = capsys.readouterr().err
+    data = json.loads((output / "config.json").read_text())["data"]
+    assert data["training_tokens"] == 2 * 64 * 32 and data["training_passes"] > 1
+    warning = said.index(f"WARNING: the budget is {data['training_passes']:.2f} passes over the training split")
+    assert warning < said.index("step 1/2")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from training_harness.errors import ConfigError
 from training_harness.flags import dataclass_parser
+from training_harness.prepare_data import DEFAULT_VAL_FRACTION
 from training_harness.registry import PRESETS, SIZES
 
 #: Sequences per optimizer step in the study, by nominal size.
@@ -30,7 +31,8 @@ class TrainConfig:
     data_path: str = field(default="", metadata={"help": "prepared folder, or a .jsonl/.json/.parquet/.txt file"})
     tokenizer: str | None = field(default=None, metadata={
         "help": "tokenizer for raw data files (default: the family's); prepared folders carry their own"})
-    val_fraction: float = field(default=0.05, metadata={"help": "held-out share when preparing a raw file"})
+    val_fraction: float = field(default=DEFAULT_VAL_FRACTION, metadata={
+        "help": "held-out share of documents when preparing a raw file"})
     output_dir: str = field(default="", metadata={"help": "where results, logs and checkpoints go"})
     max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
     batch_size: int | None = field(default=None, metadata={
@@ -53,9 +55,13 @@ class TrainConfig:
         "help": f"SDPA kernel for the transformers on CUDA: {', '.join(ATTENTION_KERNELS)} (auto: PyTorch's choice)"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP2 sharding instead of DDP under torchrun"})
     seed: int = field(default=1234, metadata={"help": "weights and data order"})
-    data_order: str = field(default="random", metadata={"help": "random or sequential training windows"})
+    data_order: str = field(default="sequential", metadata={
+        "help": "sequential: consecutive windows in document order, no text twice until the split runs out "
+                "(every family reads the same documents in the same order); random: seeded random windows"})
     eval_interval: int = field(default=0, metadata={"help": "validate every N steps (0: at the end only)"})
-    eval_windows: int = field(default=16, metadata={"help": "validation windows (fixed set)"})
+    eval_windows: int = field(default=32, metadata={
+        "help": "validation windows, the first of the held-out split (0: all of them, every held-out "
+                "document but the last partial window)"})
     checkpoint_interval: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at the end)"})
     final_checkpoint: bool = field(default=True, metadata={"help": "checkpoint the completed run"})
     save_optimizer: bool = field(default=False, metadata={"help": "keep AdamW state in checkpoints"})
@@ -80,7 +86,7 @@ class TrainConfig:
             (self.sample_interval_s > 0, "sample_interval_s must be positive"),
             (self.batch_size is None or self.batch_size > 0, "batch_size must be positive"),
             (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be positive"),
-            (self.eval_windows > 0, f"eval_windows must be positive (PPL and BPB need them), got {self.eval_windows}"),
+            (self.eval_windows >= 0, f"eval_windows must be 0 (all) or positive, got {self.eval_windows}"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (re.fullmatch(r"|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be cuda, cuda:N or cpu, got {self.device!r}"),

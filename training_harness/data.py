@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from training_harness.errors import DataError
-from training_harness.prepare_data import LOCAL_SUFFIXES, PrepareConfig, prepare, read_meta
+from training_harness.prepare_data import LOCAL_SUFFIXES, TOKEN_BYTES_FILE, PrepareConfig, prepare, read_meta
 from training_harness.tokenization import tokenizer_name
 
 CACHE_ROOT = Path(os.environ.get("EFFICIENTLLM_CACHE", Path.home() / ".cache" / "efficientllm")) / "prepared"
@@ -46,6 +46,7 @@ class TokenWindows:
                 f"{folder}: the {split} split has {len(self.tokens):,} tokens, fewer than one window of "
                 f"seq_len + 1 = {seq_len + 1:,}; prepare more data (--max_tokens) or lower --seq_len")
         self.window_count = (len(self.tokens) - 1) // seq_len  # non-overlapping windows
+        self._token_bytes = np.load(Path(folder) / TOKEN_BYTES_FILE) if self.meta.get("token_bytes") else None
 
     def _batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
@@ -71,14 +72,26 @@ class TokenWindows:
             raise ValueError(f"data order must be random or sequential, got {order!r}")
         return self._batch(starts)
 
+    def validation_count(self, windows: int) -> int:
+        """How many windows ``windows`` asks for: 0 is every whole window of the split."""
+        return self.window_count if windows == 0 else min(windows, self.window_count)
+
     def validation_batches(self, windows: int, batch_size: int):
-        """The first ``windows`` non-overlapping windows (fewer if the split is shorter), in batches."""
-        count = min(windows, self.window_count)
+        """The first ``validation_count(windows)`` non-overlapping windows, in batches."""
+        count = self.validation_count(windows)
         starts = np.arange(count) * self.seq_len
         for first in range(0, count, batch_size):
             yield self._batch(starts[first:first + batch_size])
 
-    def utf8_bytes_per_token(self) -> float:
-        """The split's UTF-8 bytes per token (EOS included), to turn evaluated tokens into bytes for BPB."""
+    @property
+    def bytes_source(self) -> str:
+        if self._token_bytes is not None:
+            return "the exact UTF-8 bytes of the evaluated tokens"
+        return "the split's mean UTF-8 bytes per token (an estimate: prepared without token_bytes.npy)"
+
+    def utf8_bytes(self, labels: torch.Tensor) -> float:
+        """The UTF-8 bytes of text that ``labels`` stand for, the denominator of BPB (see ``bytes_source``)."""
+        if self._token_bytes is not None:
+            return float(self._token_bytes[labels.numpy()].sum(dtype=np.int64))
         counts = self.meta["splits"][self.split]
-        return counts["utf8_bytes"] / counts["tokens"]
+        return labels.numel() * counts["utf8_bytes"] / counts["tokens"]

@@ -1,9 +1,11 @@
 """Stream documents, tokenize them in worker processes and pack them into memmapped token files.
 
 Output folder: ``train.bin`` and ``val.bin`` (every document's tokens followed by its end-of-text
-token, no padding) and ``meta.json``. Validation is whole documents, chosen by position, so the
-same source and arguments always give the same split. The folder is written aside and renamed
-at the end: an interrupted run never leaves a folder that looks complete.
+token, no padding), ``token_bytes.npy`` (the UTF-8 bytes each token id stands for, where the vocabulary
+is byte-level) and ``meta.json``. Validation is whole documents, chosen by their position in the source
+alone, so every tokenizer holds out the same documents and keeps the source's document order. The
+folder is written aside and renamed at the end: an interrupted run never leaves a folder that looks
+complete.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from efficientllm_metrics import atomic_folder
 from training_harness.errors import EXIT_USAGE, DataError
 from training_harness.flags import dataclass_parser
 from training_harness.locks import exclusive
-from training_harness.tokenization import end_of_text_id, load_tokenizer, tokenizer_name
+from training_harness.tokenization import end_of_text_id, load_tokenizer, token_utf8_bytes, tokenizer_name
 
 META_FILE = "meta.json"
+TOKEN_BYTES_FILE = "token_bytes.npy"
+#: Share of documents held out, for prepared folders and raw files prepared on the fly alike.
+DEFAULT_VAL_FRACTION = 0.02
 DEFAULT_DATA_ROOT = Path("experiments/data")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
@@ -44,7 +49,7 @@ class PrepareConfig:
     output_dir: str | None = field(default=None, metadata={"help": "default: experiments/data/<tokenizer name>"})
     max_tokens: int | None = field(default=None, metadata={
         "help": "stop once the training split would exceed this many tokens (default: the whole source)"})
-    val_fraction: float = field(default=0.005, metadata={
+    val_fraction: float = field(default=DEFAULT_VAL_FRACTION, metadata={
         "help": "share of documents held out for validation, spread evenly over the stream"})
     dataset: str = field(default="HuggingFaceFW/fineweb-edu", metadata={"help": "hub dataset (--source hub)"})
     dataset_config: str = field(default="sample-350BT", metadata={"help": "its configuration"})
@@ -73,11 +78,13 @@ class PrepareConfig:
         return DEFAULT_DATA_ROOT / tokenizer_name(self.tokenizer)
 
     def fingerprint(self) -> dict:
-        """The arguments that decide the folder's content (not workers or batch size)."""
-        keys = ("source", "tokenizer", "max_tokens", "val_fraction", "dataset", "dataset_config", "split",
-                "text_field", "dtype")
+        """The arguments that decide the folder's content (not workers or batch size); a local source by its
+        path, not by the hub dataset it does not come from."""
+        keys = ("source", "tokenizer", "max_tokens", "val_fraction", "text_field", "dtype")
         values = {key: getattr(self, key) for key in keys}
-        if self.source != "hub":
+        if self.source == "hub":
+            values.update(dataset=self.dataset, dataset_config=self.dataset_config, split=self.split)
+        else:
             values["source"] = str(Path(self.source).resolve())
         return values
 
@@ -240,7 +247,8 @@ def _prepare(config: PrepareConfig, output: Path) -> Path:
     dtype = _token_dtype(config.dtype, vocab_size)
 
     started = time.perf_counter()
-    with atomic_folder(output, frozenset({"train.bin", "val.bin", META_FILE})) as staging:
+    token_bytes = token_utf8_bytes(tokenizer)
+    with atomic_folder(output, frozenset({"train.bin", "val.bin", TOKEN_BYTES_FILE, META_FILE})) as staging:
         writers = {split: _SplitWriter(staging / f"{split}.bin", dtype) for split in ("train", "val")}
         try:
             _tokenize_into(config, tokenizer, eos, writers, started)
@@ -250,12 +258,15 @@ def _prepare(config: PrepareConfig, output: Path) -> Path:
             if counts[split]["documents"] == 0:
                 raise DataError(f"{config.source}: the {split} split is empty; "
                                 "give more documents or raise --val_fraction")
+        if token_bytes is not None:
+            np.save(staging / TOKEN_BYTES_FILE, token_bytes)
         meta = {
             "tokenizer": config.tokenizer,
             "tokenizer_name": tokenizer_name(config.tokenizer),
             "vocab_size": vocab_size,
             "eos_id": eos,
             "dtype": dtype.name,
+            "token_bytes": token_bytes is not None,
             "splits": counts,
             "content_sha256": hashlib.sha256((counts["train"]["sha256"] + counts["val"]["sha256"]).encode())
             .hexdigest(),

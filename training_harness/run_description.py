@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import platform
 import subprocess
 import sys
@@ -75,8 +76,13 @@ def versions() -> dict:
     return found
 
 
+#: For code copied without its .git folder (a cluster's rsync, a container): the commit it was copied from.
+SOURCE_COMMIT_VARIABLE = "EFFICIENTLLM_SOURCE_COMMIT"
+
+
 def git_state() -> dict:
-    """{"commit", "dirty"} of the checkout the code runs from, or {"commit": None, "reason"} outside one."""
+    """{"commit", "dirty"} of the checkout the code runs from; outside one, the commit that
+    EFFICIENTLLM_SOURCE_COMMIT names (its changes unknown), else {"commit": None, "reason"}."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=_CHECKOUT, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
@@ -84,4 +90,8 @@ def git_state() -> dict:
     try:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError) as error:
-        return {"commit": None, "reason": f"not a git checkout, or git unavailable ({type(error).__name__})"}
+        if os.environ.get(SOURCE_COMMIT_VARIABLE):
+            return {"commit": os.environ[SOURCE_COMMIT_VARIABLE], "dirty": None,
+                    "reason": f"not a git checkout; the commit is {SOURCE_COMMIT_VARIABLE}'s"}
+        return {"commit": None, "reason": f"not a git checkout, or git unavailable ({type(error).__name__}); "
+                                          f"set {SOURCE_COMMIT_VARIABLE} to record the commit"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from efficientllm_metrics import atomic_file
+from efficientllm_metrics import Validation, atomic_file, bits_per_byte
 
 LOG_FILE = "log.jsonl"
 
@@ -83,12 +83,17 @@ class RunLog:
             self.say(f"step {record['step']}/{self._total}: loss {record['loss']:.3f}, {record['step_s']:.2f} s, "
                      f"{record['tokens_per_s']:,.0f} tokens/s")
 
-    def validation(self, step: int, loss: float) -> None:
+    def validation(self, step: int, validation: Validation) -> None:
+        """One validation: its mean loss (nats per token) and BPB, also said on stderr."""
         if not self.is_main:
             return
-        self._append({"step": step, "val_loss": loss})
+        bpb = bits_per_byte(validation.mean_loss_nats, validation.tokens, validation.utf8_bytes)
+        self._append({"step": step, "val_loss": validation.mean_loss_nats, "val_bpb": bpb})
+        self.say(f"step {step}: validation loss {validation.mean_loss_nats:.4f}, BPB {bpb:.4f} "
+                 f"({validation.tokens:,} tokens)")
         if self._writer is not None:
-            self._writer.add_scalar("val/loss", loss, step)
+            self._writer.add_scalar("val/loss", validation.mean_loss_nats, step)
+            self._writer.add_scalar("val/bpb", bpb, step)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from efficientllm_metrics import RESULTS_FILE, ResultsError, RunHeader, read_results, unmeasured, write_json_atomic
 from training_harness.config import SPEC_GLOBAL_BATCH, TrainConfig, read_config_file
-from training_harness.errors import ConfigError
+from training_harness.errors import ConfigError, DataError
+from training_harness.prepare_data import read_meta
 from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, family_names, get_family
 from training_harness.tokenization import tokenizer_name
 
@@ -26,6 +27,26 @@ def plan_flags(model: str, size: str) -> list[str]:
     for key, value in gpu_plan(model, size).items():
         flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     return flags
+
+
+#: The short-comparison protocol (docs/results.md): every family reads the same documents in the same order,
+#: no text twice, and is validated every 50 steps on every window of the same held-out documents.
+PROTOCOL = {"data_order": "sequential", "eval_interval": 50, "eval_windows": 0}
+PROTOCOL_STEPS = 250
+
+
+def repeats_data(config: TrainConfig) -> str | None:
+    """A warning when the config's training budget is more than its prepared training split (text would
+    repeat); None when it fits or the folder is not prepared yet."""
+    try:
+        train_tokens = read_meta(config.data_path)["splits"]["train"]["tokens"]
+    except DataError:
+        return None
+    budget = config.max_steps * config.global_batch * config.seq_len
+    if budget <= train_tokens:
+        return None
+    return (f"WARNING: {config.model} {config.model_size}: {config.max_steps} steps need {budget:,} training tokens, "
+            f"{budget / train_tokens:.2f} passes over the {train_tokens:,} of {config.data_path}: text repeats")
 
 
 def config_name(model: str, size: str) -> str:
@@ -48,7 +69,10 @@ def generate(models: list[str], sizes: list[str], preset: str, max_steps: int, s
             config = TrainConfig(
                 model=model, model_size=size, preset=preset, max_steps=max_steps, seq_len=seq_len,
                 data_path=str(Path(data_root) / tokenizer_name(tokenizer)), tokenizer=tokenizer,
-                batch_size=SPEC_GLOBAL_BATCH[size], **plan)
+                batch_size=SPEC_GLOBAL_BATCH[size], **PROTOCOL, **plan)
+            warning = repeats_data(config)
+            if warning:
+                print(warning, file=sys.stderr)
             # output_dir and device belong to the driver's call, not the config.
             values = {key: value for key, value in config.to_dict().items() if value not in (None, "")}
             path = output_dir / f"{config_name(model, size)}.json"
@@ -110,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="families (default: the study's four; any registered family may be named)")
     gen.add_argument("--sizes", default=",".join(SIZES))
     gen.add_argument("--preset", default="paper", choices=sorted(PRESETS))
-    gen.add_argument("--max_steps", type=int, default=10_000)
+    gen.add_argument("--max_steps", type=int, default=PROTOCOL_STEPS,
+                     help="optimizer steps (the protocol's equal budget: 16.4M / 8.2M / 4.1M tokens per size)")
     gen.add_argument("--seq_len", type=int, default=8192)
     gen.add_argument("--micro_batch_size", type=int, default=None,
                      help="instead of the GPU plan's (tiny shapes: the whole batch)")

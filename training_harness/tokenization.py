@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
+
+import numpy as np
 
 from training_harness.errors import DataError
 
@@ -38,6 +41,50 @@ def end_of_text_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer has neither {END_OF_TEXT} nor an EOS token to separate documents")
     return int(tokenizer.eos_token_id)
+
+
+@cache
+def _byte_of_symbol() -> dict[str, int]:
+    """Byte-level BPE's alphabet: each byte is written as one printable character (GPT-2's scheme: printable
+    bytes stand for themselves, the other 68 take the characters from U+0100 on, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {**{chr(byte): byte for byte in printable}, **{chr(256 + i): byte for i, byte in enumerate(others)}}
+
+
+def _decodes_byte_level(tokenizer) -> bool:
+    """Whether the tokenizer's decoder maps tokens back to bytes through byte-level BPE's alphabet."""
+    import json
+
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(part.get("type") == "ByteLevel" for part in parts)
+
+
+def token_utf8_bytes(tokenizer) -> np.ndarray | None:
+    """How many bytes of UTF-8 text each token id stands for, so that BPB divides by the exact bytes of the
+    tokens evaluated; None for a vocabulary that is not byte-level BPE (GPT-NeoX's and Qwen's are).
+
+    Special tokens count 0 bytes: the end-of-text token between documents is added by data preparation, not
+    text. Added tokens that are not special are plain text.
+    """
+    if not _decodes_byte_level(tokenizer):
+        return None
+    alphabet = _byte_of_symbol()
+    special = set(tokenizer.all_special_ids) | {
+        token_id for token_id, added in tokenizer.added_tokens_decoder.items() if added.special}
+    added = {token_id: added.content for token_id, added in tokenizer.added_tokens_decoder.items()}
+    sizes = np.zeros(len(tokenizer), dtype=np.uint16)
+    for token_id, symbols in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if token_id in special or symbols is None:
+            continue
+        if token_id in added:
+            sizes[token_id] = len(added[token_id].encode("utf-8"))
+        elif all(symbol in alphabet for symbol in symbols):
+            sizes[token_id] = len(symbols)
+        else:
+            return None
+    return sizes
 
 
 def tokenizer_name(id_or_path: str) -> str:

@@ -104,14 +104,15 @@ def compute_context(config: TrainConfig, device: torch.device) -> contextlib.Exi
 def evaluate(model, windows: TokenWindows, config: TrainConfig, micro_batch: int, device) -> Validation:
     """Mean cross-entropy over the fixed validation windows (every rank evaluates the same ones)."""
     model.eval()
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, utf8_bytes = 0.0, 0, 0.0
     for inputs, labels in windows.validation_batches(config.eval_windows, micro_batch):
         with compute_context(config, device):
             loss = model(inputs.to(device), labels.to(device))
         loss_sum += loss.item() * labels.numel()
         tokens += labels.numel()
+        utf8_bytes += windows.utf8_bytes(labels)
     model.train()
-    return Validation(loss_sum / tokens, tokens, round(tokens * windows.utf8_bytes_per_token()))
+    return Validation(loss_sum / tokens, tokens, utf8_bytes, windows.bytes_source)
 
 
 class Trainer:
@@ -141,6 +142,8 @@ class Trainer:
         config, context = self.config, self.context
         tokenizer = config.tokenizer or self.family.default_tokenizer
         if context.is_main:  # one process prepares a raw file; the others wait and reuse it
+            if Path(config.data_path).is_file():
+                self.log.say(f"preparing {config.data_path} with tokenizer {tokenizer} (once; later runs reuse it)")
             data_dir = resolve_data_path(config.data_path, tokenizer, config.val_fraction)
         distributed.barrier(context)
         if not context.is_main:
@@ -153,6 +156,8 @@ class Trainer:
 
         if config.attention != "auto" and not context.cuda_indices:
             raise ConfigError(f"--attention {config.attention} picks a CUDA kernel; use auto on {context.device}")
+        self.log.say(f"building {self.family.display_name} {config.model_size} ({config.preset} shapes) "
+                     f"on {context.device}")
         torch.manual_seed(config.seed)
         model = build_model(self.family, config.model_size, config.preset, vocab_rows, context.device,
                             config.allow_slow_kernels)
@@ -167,8 +172,8 @@ class Trainer:
             micro_batch_size=micro_batch, accumulation_steps=accumulation, world_size=context.world_size,
             device=str(context.device),
             device_name=torch.cuda.get_device_name(context.device) if context.cuda_indices else "cpu",
-            data={key: meta[key] for key in ("tokenizer", "vocab_size", "eos_id", "content_sha256")},
-            versions=versions(), git=git_state(), config=config.to_dict())
+            data=self._data_facts(data_dir), versions=versions(), git=git_state(), config=config.to_dict())
+        self._banner()
         if config.compile:
             model.compile_regions()
         if config.activation_checkpointing:
@@ -186,6 +191,47 @@ class Trainer:
             self.log.keep_until(self.step)
             write_json_atomic(self.output / CONFIG_FILE, self.description.as_dict())
         return self.description
+
+    def _data_facts(self, data_dir: Path) -> dict:
+        """The prepared data and what this run takes from it: the training budget in passes over the
+        training split (above 1, text repeats) and the validation windows."""
+        config, meta = self.config, self.train_windows.meta
+        budget = config.max_steps * config.global_batch * config.seq_len
+        train_tokens = meta["splits"]["train"]["tokens"]
+        return {
+            "folder": str(data_dir), "source": meta.get("arguments", {}).get("source"),
+            **{key: meta[key] for key in ("tokenizer", "vocab_size", "eos_id", "content_sha256")},
+            "train_tokens": train_tokens, "val_tokens": meta["splits"]["val"]["tokens"],
+            "training_tokens": budget, "training_passes": round(budget / train_tokens, 4),
+            "validation_windows": self.val_windows.validation_count(config.eval_windows),
+            "bpb_bytes": self.val_windows.bytes_source,
+        }
+
+    def _banner(self) -> None:
+        """What is about to run, said once before the slow parts (compiling, the first step), and loudly what
+        makes its PPL and BPB weak: repeated training text, few validation windows."""
+        d, config = self.description, self.config
+        data = d.data
+        lines = [
+            f"{d.display_name} {d.size}: {d.params:,} parameters ({d.preset} shapes), kernels: {d.kernel_path}",
+            f"device {d.device} ({d.device_name}), {config.precision}, micro-batch {d.micro_batch_size} x "
+            f"{d.accumulation_steps} accumulation x {d.world_size} process(es) = {d.global_batch} sequences of "
+            f"{d.context:,} tokens per step",
+            f"data {data['folder']} ({data['tokenizer']}): {config.max_steps} steps = {data['training_tokens']:,} "
+            f"training tokens of {data['train_tokens']:,} ({data['training_passes']:.2f} passes, "
+            f"{config.data_order} order); validation on {data['validation_windows']} windows",
+        ]
+        if config.compile and d.device.startswith("cuda"):
+            lines.append("compiling: the first step includes compilation (tens of seconds)")
+        for line in lines:
+            self.log.say(line)
+        if data["training_passes"] > 1:
+            self.log.say(f"WARNING: the budget is {data['training_passes']:.2f} passes over the training split, "
+                         "so text repeats and validation measures memorisation as well; prepare more data or "
+                         "lower --max_steps")
+        if data["validation_windows"] < 32:
+            self.log.say(f"WARNING: validation on {data['validation_windows']} windows (fewer than 32): PPL and "
+                         "BPB are noisy; hold out more text (--val_fraction) or raise --eval_windows")
 
     def _resume(self) -> None:
         """Continue from the checkpoint; without one, start at step 0 out loud, or refuse where a checkpoint
@@ -329,7 +375,7 @@ class Trainer:
         monitor.pause()
         if evaluate_now:
             validation = evaluate(self.model, self.val_windows, config, self.micro_batch, self.context.device)
-            self.log.validation(self.step, validation.mean_loss_nats)
+            self.log.validation(self.step, validation)
         if save_now:
             checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
                             config.save_optimizer, self.context.is_main)
@@ -338,7 +384,7 @@ class Trainer:
     def finish(self) -> None:
         """Final validation and checkpoint of a completed run."""
         self.validation = evaluate(self.model, self.val_windows, self.config, self.micro_batch, self.context.device)
-        self.log.validation(self.step, self.validation.mean_loss_nats)
+        self.log.validation(self.step, self.validation)
         if self.config.final_checkpoint:
             checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
                             self.config.save_optimizer, self.context.is_main)
