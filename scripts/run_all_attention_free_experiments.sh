@@ -57,16 +57,10 @@ else
   echo "error: devices must be cpu or cuda:N[,M...], not '$devices'" >&2; usage
 fi
 
-mkdir -p "$results_root" "$log_dir"
-# One sweep per experiment folder: the lock dies with this process; its file names the holder.
-lock=$EXPERIMENT_DIR/.efficientllm.lock
-exec 9>>"$lock"
-if ! flock -n 9; then
-  holder=$(cat "$lock" 2>/dev/null || true)
-  echo "error: $EXPERIMENT_DIR is in use by ${holder:-another sweep}; wait for it or set EXPERIMENT_DIR" >&2
-  exit 2
-fi
-echo "PID $$ on $(hostname)" >"$lock"
+# Several sweeps may share one experiment folder (one per GPU, say): each run is locked while its sweep
+# trains it, and another sweep skips it. A lock dies with its holder; its file names the holder.
+lock_dir=$EXPERIMENT_DIR/locks
+mkdir -p "$results_root" "$log_dir" "$lock_dir"
 
 # Ctrl-C or SIGTERM: the current run saves its checkpoint and stops, then the sweep stops (exit 130); a
 # second one stops the run at once. The run gets its own session, so only this handler signals it.
@@ -93,8 +87,17 @@ for config in "${configs[@]}"; do
   fi
   results=$results_root/$name
   log=$log_dir/$name.log
+  lock=$lock_dir/$name.lock
+  exec 9>>"$lock"
+  if ! flock -n 9; then
+    summary+=("$name: skipped (in use by $(cat "$lock" 2>/dev/null || echo 'another sweep'))")
+    exec 9>&-
+    continue
+  fi
+  echo "PID $$ on $(hostname)" >"$lock"
   if [[ $("$PYTHON" -m training_harness.sweep status "$results" "$max_steps") == completed ]]; then
     summary+=("$name: skipped (already completed)")
+    exec 9>&-
     continue
   fi
   if ! model=$("$PYTHON" -m training_harness.sweep model "$config" 2>>"$log"); then
@@ -120,6 +123,7 @@ for config in "${configs[@]}"; do
   [[ $code == 0 ]] || "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" "$code" "$log"
   status=$("$PYTHON" -m training_harness.sweep status "$results" "$max_steps")
   summary+=("$name: $status (exit $code)")
+  exec 9>&-
   [[ $code == 0 || $status == interrupted ]] || failed=$((failed + 1))
 done
 

@@ -177,16 +177,20 @@ def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, d
     assert "pythia_0.5B: interrupted" in out.split("== summary")[1] and "rerun the same command" in err
 
 
-def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, data_dir):
+def test_a_run_that_another_sweep_holds_is_skipped_and_left_alone(tmp_path, data_dir):
+    """Two sweeps share one experiment folder (one per GPU): each skips what the other is training."""
     experiment, command, env = sweep_of_two(tmp_path, data_dir)
-    (experiment / "results").mkdir()
-    with open(experiment / ".efficientllm.lock", "a+") as handle:
+    (experiment / "locks").mkdir()
+    with open(experiment / "locks" / "pythia_0.5B.lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         handle.write("PID 4242 on elsewhere\n")
         handle.flush()
-        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
-    assert result.returncode == 2 and "in use by PID 4242 on elsewhere" in result.stderr
-    assert not any((experiment / "results").iterdir())
+        result = subprocess.run([*command[:-1], "3"], capture_output=True, text=True, env=env, cwd=ROOT,
+                                timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "pythia_0.5B: skipped (in use by PID 4242 on elsewhere)" in result.stdout
+    assert "qwen_0.5B: completed (exit 0)" in result.stdout
+    assert not (experiment / "results" / "pythia_0.5B").exists()
 
 
 def test_a_checkpoint_continues_only_its_own_run(data_dir, tmp_path, corpus_file, tokenizer_file, capsys):
