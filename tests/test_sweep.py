@@ -79,28 +79,40 @@ def test_driver_usage_errors(tmp_path, args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
-def completed(model, size, params, ppl, amu, al, tt, aec, **extra):
+def completed(model, size, params, ppl, amu, al, tt, aec, bpb=1.0, **extra):
     return {"schema_version": 1, "status": "completed", "model": model, "size": size, "preset": "paper",
-            "params": params, "context": 8192, "steps": 100, "world_size": 1, "device_name": "NVIDIA H100 80GB HBM3",
-            "kernel_path": "k", "ppl": ppl, "bpb": 1.0, "amu_gb": amu, "al_s_per_iter": al,
-            "tt_tokens_per_param_s": tt, "aec_w": aec, "latency": {"p90_s": al},
-            "provenance": {"measured_iterations": 90, "warmup_iterations": 10,
-                           "methods": {"aec_w": "NVML counter unsupported"}}, **extra}
+            "params": params, "context": 8192, "steps": 100, "global_batch": 8, "world_size": 1,
+            "device_name": "NVIDIA H100 80GB HBM3", "kernel_path": "k", "ppl": ppl, "bpb": bpb, "amu_gb": amu,
+            "al_s_per_iter": al, "tt_tokens_per_param_s": tt, "aec_w": aec, "energy_j_per_token": 0.005,
+            "latency": {"p90_s": al}, "provenance": {"measured_iterations": 90, "warmup_iterations": 10,
+                                                     "methods": {"aec_w": "NVML counter unsupported"}}, **extra}
+
+
+def write_run(results, name, document, commit="c0ffee" * 6, passes=0.5, losses=(7.0, 6.0), val=(6.9, 6.1)):
+    """A run folder as a sweep leaves it: results, config.json (data, budget, commit) and log.jsonl."""
+    folder = results / name
+    folder.mkdir(parents=True)
+    (folder / "efficientllm_metrics.json").write_text(json.dumps(document))
+    data = {"source": "/data/corpus.jsonl", "tokenizer": "/tok/gpt-neox-20b", "training_tokens": 6_553_600,
+            "training_passes": passes}
+    (folder / "config.json").write_text(json.dumps({"data": data, "git": {"commit": commit, "dirty": False}}))
+    records = [{"step": 50 * (i + 1), "loss": loss} for i, loss in enumerate(losses)]
+    records += [{"step": 50 * (i + 1), "val_loss": v, "val_bpb": v / 3} for i, v in enumerate(val)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_collector_on_crafted_results(tmp_path):
     results = tmp_path / "results"
     configs = tmp_path / "configs"
     configs.mkdir()
-    runs = {
-        "qwen_0.5B": completed("qwen", "0.5B", 494_032_768, 20.5, 30.2, 0.9, 150.0, 650.0, window_s=81.0),
-        "mamba_0.5B": completed("mamba", "0.5B", 129_153_792, 25.25, 12.0, 0.4, 900.0, None, window_s=36.0),
-        "pythia_0.5B": {"schema_version": 1, "status": "oom", "model": "pythia", "size": "0.5B",
-                        "error": "CUDA out of memory. Tried to allocate 9.3 GiB", "params": 405_334_016},
-    }
-    for name, document in runs.items():
-        (results / name).mkdir(parents=True)
-        (results / name / "efficientllm_metrics.json").write_text(json.dumps(document))
+    write_run(results, "qwen_0.5B", completed("qwen", "0.5B", 494_032_768, 20.5, 30.2, 0.9, 150.0, 650.0,
+                                              bpb=1.25, window_s=81.0))
+    write_run(results, "mamba_0.5B", completed("mamba", "0.5B", 129_153_792, 25.25, 12.0, 0.4, 900.0, None,
+                                               bpb=1.5, window_s=36.0))
+    (results / "pythia_0.5B").mkdir(parents=True)
+    (results / "pythia_0.5B" / "efficientllm_metrics.json").write_text(json.dumps(
+        {"schema_version": 1, "status": "oom", "model": "pythia", "size": "0.5B",
+         "error": "CUDA out of memory. Tried to allocate 9.3 GiB", "params": 405_334_016}))
     (results / "rwkv_0.5B").mkdir()
     (results / "rwkv_0.5B" / "efficientllm_metrics.json").write_text('{"status": "compl')
     (configs / "qwen_1.5B.json").write_text("{}")  # configured, never ran
@@ -108,6 +120,8 @@ def test_collector_on_crafted_results(tmp_path):
     frame = collector.collect(results, tmp_path / "tables", configs)
     table = pd.read_csv(tmp_path / "tables" / "attention_free_results.csv").set_index(["model", "size"])
     assert table.loc[("qwen", "0.5B"), "ppl"] == 20.5 and table.loc[("qwen", "0.5B"), "status"] == "completed"
+    assert table.loc[("qwen", "0.5B"), "corpus"] == "corpus.jsonl"
+    assert table.loc[("qwen", "0.5B"), "train_val_gap"] == pytest.approx(6.1 - 6.5)
     assert table.loc[("pythia", "0.5B"), "status"] == "oom"
     assert "Tried to allocate" in table.loc[("pythia", "0.5B"), "reason"]
     assert table.loc[("rwkv", "0.5B"), "status"] == "corrupt"
@@ -116,20 +130,50 @@ def test_collector_on_crafted_results(tmp_path):
 
     tex = (tmp_path / "tables" / "attention_free_table.tex").read_text()
     rows = {line.split(" & ")[0]: line for line in tex.splitlines() if " & 0.5B & " in line}
-    assert rows["Qwen2.5"] == (r"Qwen2.5 & 0.5B & 494.0M & 8K & \textbf{20.50} & 30.20 & 0.900 & 1.50e+02 & "
-                               r"\textbf{650.0} \\")
-    assert rows["Mamba"] == (r"Mamba & 0.5B & 129.2M & 8K & 25.25 & \textbf{12.00} & \textbf{0.400} & "
-                             r"\textbf{9.00e+02} & n/m\textsuperscript{1} \\")
-    assert r"\multicolumn{5}{l}{\textit{OOM: CUDA out of memory. Tried to allocate 9.3 GiB}}" in rows["Pythia"]
+    # Best per size by BPB, never by PPL (per token of different tokenizers): Qwen's lower PPL is not bold.
+    assert rows["Qwen2.5"] == (r"Qwen2.5 & 0.5B & 494.0M & 8K & 20.5 & \textbf{1.250} & 30.2 & 0.900 & 1.50e+02 & "
+                               r"\textbf{650} & \textbf{5.0} \\")  # a tie: both bold
+    assert rows["Mamba"] == (r"Mamba & 0.5B & 129.2M & 8K & 25.2 & 1.500 & \textbf{12.0} & \textbf{0.400} & "
+                             r"\textbf{9.00e+02} & n/m\textsuperscript{1} & \textbf{5.0} \\")
+    assert r"\multicolumn{7}{l}{\textit{OOM: CUDA out of memory. Tried to allocate 9.3 GiB}}" in rows["Pythia"]
     assert r"\textit{CORRUPT: efficientllm\_metrics.json:" in rows["RWKV-7"]
     assert r"1: NVML counter unsupported" in tex and "NVIDIA H100 80GB HBM3" in tex and "$10^9$ bytes" in tex
     assert "MISSING: no efficientllm\\_metrics.json" in tex
+    # The caption states what the runs recorded: corpus, budget, warm-up, commit.
+    assert "on corpus.jsonl (0.5B: 6.6M tokens in 100 steps" in tex and "first 10 of 100 iterations" in tex
+    assert "commit c0ffeec0ffee" in tex
 
     report = (tmp_path / "tables" / "attention_free_report.txt").read_text()
-    assert "0.5B PPL: Qwen2.5 (20.50)" in report and "0.5B AL (s/iter): Mamba (0.400)" in report
+    assert "0.5B BPB: Qwen2.5 (1.250)" in report and "0.5B AL (s/iter): Mamba (0.400)" in report
     assert "Pythia 0.5B: oom - CUDA out of memory" in report
     assert "Mamba 0.5B: aec_w not measured - NVML counter unsupported" in report
-    assert (tmp_path / "tables" / "ppl.png").stat().st_size > 0
+    assert "left out: 0.5B (Pythia oom, RWKV-7 corrupt); 1.5B (Qwen2.5 missing" in report
+    for stem in ("bpb", "energy_j_per_token", "val_bpb_curves_0.5B", "loss_curves_0.5B"):
+        assert (tmp_path / "tables" / f"{stem}.png").stat().st_size > 0
+        assert (tmp_path / "tables" / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_collector_flags_what_weakens_a_comparison(tmp_path):
+    results = tmp_path / "results"
+    write_run(results, "qwen_0.5B", completed("qwen", "0.5B", 1, 20.5, 30.2, 0.9, 150.0, 650.0),
+              passes=3.5, losses=(0.01, 0.01), val=(8.0, 9.03))
+    write_run(results, "mamba_0.5B", completed("mamba", "0.5B", 1, 25.0, 12.0, 0.4, 900.0, 600.0,
+                                               device_name="NVIDIA H200"), commit="beef" * 10)
+    lines = collector.anomalies(collector.collect(results, tmp_path / "tables", None))
+    assert "Qwen2.5 0.5B: 3.50 passes over its training text (text repeated)" in lines
+    assert ("Qwen2.5 0.5B: validation loss 9.03 is 9.02 nats above the final training loss 0.01: memorisation"
+            in lines)
+    assert "rows come from different hardware: NVIDIA H100 80GB HBM3: Qwen2.5 0.5B; NVIDIA H200: Mamba 0.5B" in lines
+    assert "rows come from different commits: c0ffeec0ffee: Qwen2.5 0.5B; beefbeefbeef: Mamba 0.5B" in lines
+
+
+def test_every_figure_gives_a_family_the_same_colour_and_marker():
+    from training_harness.figures import family_styles
+
+    four, five = family_styles(["rwkv", "qwen"]), family_styles(["toy", "mamba"])
+    assert [four[m] for m in ("qwen", "pythia", "mamba", "rwkv")] == [five[m] for m in ("qwen", "pythia", "mamba",
+                                                                                       "rwkv")]
+    assert len({(style.color, style.marker) for style in five.values()}) == len(five)
 
 
 def test_collector_with_nothing_to_collect(tmp_path, capsys):

@@ -11,36 +11,84 @@ with the reason; a metric that could not be measured shows why.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no display backend
 
 from efficientllm_metrics import RESULTS_FILE, ResultsError, read_results
+from training_harness.figures import plot_by_size, plot_curves
 from training_harness.registry import SIZES, family_names, get_family
+from training_harness.run_description import CONFIG_FILE
 from training_harness.run_log import LOG_FILE, read_log
 
-#: Table metrics: column, header, format, whether lower is better.
+
+@dataclass(frozen=True)
+class Column:
+    """A table metric: results key, header, format of the scaled value, and whether lower is better (None:
+    not compared, like PPL, whose tokens differ between tokenizers)."""
+
+    key: str
+    header: str
+    fmt: str
+    lower: bool | None
+    scale: float = 1.0
+
+
 TABLE_METRICS = [
-    ("ppl", "PPL", "{:.2f}", True),
-    ("amu_gb", "AMU (GB)", "{:.2f}", True),
-    ("al_s_per_iter", "AL (s/iter)", "{:.3f}", True),
-    ("tt_tokens_per_param_s", "TT (tokens/param/s)", "{:.2e}", False),
-    ("aec_w", "AEC (W)", "{:.1f}", True),
+    Column("ppl", "PPL", "{:,.1f}", None),
+    Column("bpb", "BPB", "{:.3f}", True),
+    Column("amu_gb", "AMU (GB)", "{:.1f}", True),
+    Column("al_s_per_iter", "AL (s/iter)", "{:.3f}", True),
+    Column("tt_tokens_per_param_s", "TT (tokens/param/s)", "{:.2e}", False),
+    Column("aec_w", "AEC (W)", "{:.0f}", True),
+    Column("energy_j_per_token", "Energy (mJ/token)", "{:.1f}", True, 1e3),
 ]
+#: The metrics ranked against the study's published ranks; quality by BPB beside its PPL rank.
+RANKED = ["bpb", "amu_gb", "al_s_per_iter", "tt_tokens_per_param_s", "aec_w"]
+PUBLISHED_KEY = {"bpb": "ppl"}
 CSV_COLUMNS = ["model", "display_name", "size", "preset", "status", "reason", "params", "context", "steps",
-               "world_size", "device_name", "kernel_path", "micro_batch_size", "accumulation_steps",
+               "global_batch", "world_size", "device_name", "kernel_path", "micro_batch_size", "accumulation_steps",
                "activation_checkpointing", "compile", "attention", "ppl", "bpb", "amu_gb", "peak_memory_gb",
                "allocator_peak_allocated_gb", "al_s_per_iter", "al_p90_s", "tt_tokens_per_param_s", "tokens_per_s",
                "aec_w", "energy_j", "energy_j_per_token", "mfu", "tokens", "window_s", "measured_iterations",
-               "warmup_iterations", "energy_integral_over_counter"]
+               "warmup_iterations", "energy_integral_over_counter", "corpus", "tokenizer", "training_tokens",
+               "training_passes", "validation_windows", "final_train_loss", "final_val_loss", "train_val_gap",
+               "commit", "dirty"]
 MIN_WINDOW_ITERATIONS, MIN_WINDOW_S = 30, 30.0
+#: Validation loss this far (nats) above the final training loss flags memorisation.
+MEMORISATION_GAP = 0.3
+FINAL_LOSS_STEPS = 10
 
 
 def display_name(model: str) -> str:
     return get_family(model).display_name if model in family_names() else model
+
+
+def run_facts(folder: Path) -> dict:
+    """What a run's config.json and log.jsonl say beyond its results: data, budget, commit, final losses."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        config = {}
+    data, git = config.get("data") or {}, config.get("git") or {}
+    records = read_log(folder / LOG_FILE)
+    losses = [r["loss"] for r in records if "loss" in r][-FINAL_LOSS_STEPS:]
+    validations = [r["val_loss"] for r in records if "val_loss" in r]
+    final_train = sum(losses) / len(losses) if losses else None
+    final_val = validations[-1] if validations else None
+    return {
+        "corpus": Path(data["source"]).name if data.get("source") else None,
+        "tokenizer": Path(data["tokenizer"]).name if data.get("tokenizer") else None,
+        "training_tokens": data.get("training_tokens"), "training_passes": data.get("training_passes"),
+        "validation_windows": data.get("validation_windows"),
+        "final_train_loss": final_train, "final_val_loss": final_val,
+        "train_val_gap": final_val - final_train if final_train is not None and final_val is not None else None,
+        "commit": git.get("commit"), "dirty": git.get("dirty"),
+    }
 
 
 def load_run(folder: Path, model: str, size: str) -> dict:
@@ -56,6 +104,7 @@ def load_run(folder: Path, model: str, size: str) -> dict:
     methods = provenance.get("methods") or {}
     cross_check = results.get("energy_cross_check") or {}
     row.update({key: results.get(key) for key in CSV_COLUMNS if key in results})
+    row.update(run_facts(folder))
     row.update({
         "status": results.get("status", "corrupt"),
         "reason": results.get("error") or "",
@@ -63,12 +112,19 @@ def load_run(folder: Path, model: str, size: str) -> dict:
         "measured_iterations": provenance.get("measured_iterations"),
         "warmup_iterations": provenance.get("warmup_iterations"),
         "energy_integral_over_counter": cross_check.get("integral_over_counter"),
-        "null_reasons": {key: methods.get(key, "not recorded") for key, *_ in TABLE_METRICS
-                         if results.get(key) is None},
+        "null_reasons": {column.key: methods.get(column.key, "not recorded") for column in TABLE_METRICS
+                         if results.get(column.key) is None},
         "sampler_errors": sum(sum(h.get("errors", {}).values()) for h in (provenance.get("sampler_health") or {})
                               .values()),
     })
     return row
+
+
+def learning_curve(folder: Path, tokens_per_step: int) -> pd.DataFrame:
+    """A run's logged training loss and validation BPB by step, with the training tokens seen at each."""
+    records = read_log(folder / LOG_FILE)
+    curve = pd.DataFrame(records, columns=["step", "loss", "val_bpb"]).groupby("step", as_index=False).first()
+    return curve.assign(tokens=curve["step"] * tokens_per_step)
 
 
 def discover(results_dir: Path, configs_dir: Path | None) -> list[tuple[Path, str, str]]:
@@ -84,8 +140,12 @@ def discover(results_dir: Path, configs_dir: Path | None) -> list[tuple[Path, st
     return sorted(runs, key=lambda r: (SIZES.index(r[2]) if r[2] in SIZES else 99, order.get(r[1], 99), r[1]))
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def format_params(params) -> str:
-    if params is None or (isinstance(params, float) and math.isnan(params)):
+    if _missing(params):
         return "unknown"
     for scale, suffix, digits in ((1e9, "B", 2), (1e6, "M", 1), (1e3, "K", 0)):
         if params >= scale:
@@ -99,6 +159,10 @@ def format_context(context) -> str:
     return f"{int(context) // 1024}K" if context >= 1024 and int(context) % 1024 == 0 else str(int(context))
 
 
+def format_tokens(tokens) -> str:
+    return "unknown" if _missing(tokens) else f"{tokens / 1e6:.1f}M"
+
+
 def latex_escape(text: str) -> str:
     for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
                           ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"),
@@ -107,29 +171,56 @@ def latex_escape(text: str) -> str:
     return text
 
 
+def _values(frame: pd.DataFrame, key: str) -> pd.Series:
+    return pd.to_numeric(frame[key], errors="coerce") if key in frame else pd.Series(float("nan"), frame.index)
+
+
 def best_per_size(frame: pd.DataFrame) -> dict[tuple[str, str], float]:
-    """(size, metric) -> the best value among completed runs."""
+    """(size, metric) -> the best value among completed runs, for the metrics that are compared."""
     best = {}
     done = frame[frame["status"] == "completed"]
     for size, group in done.groupby("size"):
-        for key, _, _, lower in TABLE_METRICS:
-            values = pd.to_numeric(group.get(key), errors="coerce").dropna() if key in group else pd.Series()
-            if len(values):
-                best[(size, key)] = values.min() if lower else values.max()
+        for column in TABLE_METRICS:
+            values = _values(group, column.key).dropna()
+            if column.lower is not None and len(values):
+                best[(size, column.key)] = values.min() if column.lower else values.max()
     return best
 
 
+def _distinct(frame: pd.DataFrame, key: str) -> list:
+    return list(dict.fromkeys(v for v in frame[key] if not _missing(v))) if key in frame else []
+
+
 def hardware(frame: pd.DataFrame) -> str:
-    names = sorted({f"{row.world_size or 1}x {row.device_name}" for row in frame.itertuples()
+    names = sorted({f"{int(row.world_size or 1)}x {row.device_name}" for row in frame.itertuples()
                     if isinstance(row.device_name, str)})
     return ", ".join(names) or "unknown hardware"
+
+
+def setup_facts(frame: pd.DataFrame) -> dict[str, str]:
+    """What every row ran with, each fact in words: hardware, corpus, budget, warm-up, commit."""
+    done = frame[frame["status"] == "completed"]
+    budget = "; ".join(
+        f"{size}: {', '.join(format_tokens(t) for t in _distinct(group, 'training_tokens')) or 'unknown'} tokens"
+        f" in {', '.join(str(int(s)) for s in _distinct(group, 'steps')) or '?'} steps"
+        for size, group in done.groupby("size", sort=False))
+    warmups = {(int(row.warmup_iterations), int(row.warmup_iterations + row.measured_iterations))
+               for row in done.itertuples() if not _missing(row.warmup_iterations)
+               and not _missing(row.measured_iterations)}
+    warmup = "; ".join(f"first {w} of {n} iterations" for w, n in sorted(warmups)) or "not recorded"
+    commits = [str(c)[:12] for c in _distinct(done, "commit")]
+    return {"hardware": hardware(done), "corpus": ", ".join(_distinct(done, "corpus")) or "not recorded",
+            "tokenizers": ", ".join(_distinct(done, "tokenizer")) or "not recorded",
+            "budget": budget or "none completed", "warm-up excluded": warmup,
+            "commit": ", ".join(commits) or "not recorded"}
 
 
 def to_latex(frame: pd.DataFrame) -> str:
     best = best_per_size(frame)
     notes: dict[str, int] = {}  # reason -> footnote number
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{llrrrrrrr}", r"\toprule",
-             "Method & Size & Parameters & Context & " + " & ".join(h for _, h, _, _ in TABLE_METRICS) + r" \\",
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{llrr" + "r" * len(TABLE_METRICS) + "}", r"\toprule",
+             "Method & Size & Parameters & Context & " + " & ".join(c.header for c in TABLE_METRICS) + r" \\",
              r"\midrule"]
     for index, (size, group) in enumerate(frame.groupby("size", sort=False)):
         if index:
@@ -140,132 +231,143 @@ def to_latex(frame: pd.DataFrame) -> str:
                 reason = latex_escape(f"{row.status.upper()}: {row.reason}"[:90])
                 cells.append(rf"\multicolumn{{{len(TABLE_METRICS)}}}{{l}}{{\textit{{{reason}}}}}")
             else:
-                for key, _, fmt, _ in TABLE_METRICS:
-                    value = getattr(row, key, None)
-                    if value is None or (isinstance(value, float) and math.isnan(value)):
-                        number = notes.setdefault(row.null_reasons.get(key, "not measured"), len(notes) + 1)
+                for column in TABLE_METRICS:
+                    value = getattr(row, column.key, None)
+                    if _missing(value):
+                        number = notes.setdefault(row.null_reasons.get(column.key, "not measured"), len(notes) + 1)
                         cells.append(rf"n/m\textsuperscript{{{number}}}")
                     else:
-                        text = fmt.format(value)
-                        cells.append(rf"\textbf{{{text}}}" if best.get((size, key)) == value else text)
+                        text = column.fmt.format(value * column.scale)
+                        cells.append(rf"\textbf{{{text}}}" if best.get((size, column.key)) == value else text)
             lines.append(" & ".join(cells) + r" \\")
-    window = "after warm-up (first 10\\% of iterations, at least 3), over the rest of the run"
-    caption = (f"Attention-free mechanisms pretrained on FineWeb-Edu ({latex_escape(hardware(frame))}). "
-               f"AMU in GB = $10^9$ bytes of device memory, time-averaged; AL per optimizer iteration; "
-               f"TT in tokens per parameter per second; AEC in watts over all GPUs of a run. "
-               f"Metrics measured {window}. Best per size in bold.")
+    facts = {key: latex_escape(value) for key, value in setup_facts(frame).items()}
+    caption = (f"Attention-free mechanisms pretrained from scratch on {facts['corpus']} "
+               f"({facts['budget']}; tokenizers {facts['tokenizers']}) on {facts['hardware']}, "
+               f"commit {facts['commit']}. PPL and BPB on the same held-out documents; PPL counts each tokenizer's "
+               f"own tokens, so only BPB compares across tokenizers. AMU in GB = $10^9$ bytes of device memory, "
+               f"time-averaged; AL per optimizer iteration; TT in tokens per parameter per second; AEC in watts "
+               f"over all GPUs of a run. Speed, memory and energy exclude warm-up ({facts['warm-up excluded']}) "
+               f"and validation. Best per size in bold (BPB, not PPL).")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if notes:
         lines.append(r"\par\footnotesize n/m: not measured. "
                      + "; ".join(f"{number}: {latex_escape(reason)}" for reason, number in notes.items()))
-    lines += [rf"\caption{{{caption}}}", r"\label{tab:attention-free}", r"\end{table}"]
+    lines += [rf"\caption{{{caption}}}",
+              r"\label{tab:attention-free}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
 def published_rank(model: str, key: str) -> str:
     ranks = get_family(model).published_ranks if model in family_names() else None
-    return f"published {ranks[key]}" if ranks else "not in the study"
+    published = PUBLISHED_KEY.get(key, key)
+    label = f"published {published.upper()} rank" if published != key else "published"
+    return f"{label} {ranks[published]}" if ranks else "not in the study"
+
+
+def complete_sizes(frame: pd.DataFrame, key: str) -> tuple[list[str], list[str]]:
+    """Sizes where every family of the table has a value of ``key``; and why each other size is left out."""
+    models = list(dict.fromkeys(frame["model"]))
+    complete, left_out = [], []
+    for size, group in frame.groupby("size", sort=False):
+        values = _values(group, key).where(group["status"] == "completed")
+        lacking = [f"{row.display_name} {row.status if row.status != 'completed' else 'not measured'}"
+                   for row, value in zip(group.itertuples(), values) if _missing(value)]
+        lacking += [f"{display_name(m)} not configured" for m in models if m not in set(group["model"])]
+        if lacking:
+            left_out.append(f"{size} ({', '.join(lacking)})")
+        else:
+            complete.append(size)
+    return complete, left_out
 
 
 def rank_table(frame: pd.DataFrame) -> list[str]:
-    """Our mean rank per metric over the sizes where every family of the table completed, beside the study's."""
-    done = frame[frame["status"] == "completed"]
+    """Our mean rank per metric over the sizes where every family completed, beside the study's."""
     models = list(dict.fromkeys(frame["model"]))
     lines = []
-    for key, header, _, lower in TABLE_METRICS:
+    for column in (c for c in TABLE_METRICS if c.key in RANKED):
+        sizes, left_out = complete_sizes(frame, column.key)
+        scope = f"over {', '.join(sizes)}" if sizes else "n/a: no size where every family has it"
+        if left_out:
+            scope += f"; left out: {'; '.join(left_out)}"
         ranks: dict[str, list[float]] = {}
-        for _, group in done.groupby("size"):
-            values = pd.to_numeric(group[key], errors="coerce") if key in group else None
-            if values is None or values.isna().any() or len(group) < len(models):
-                continue
-            for model, rank in zip(group["model"], values.rank(ascending=lower, method="min")):
+        for size in sizes:
+            group = frame[frame["size"] == size]
+            for model, rank in zip(group["model"], _values(group, column.key).rank(ascending=column.lower,
+                                                                                   method="min")):
                 ranks.setdefault(model, []).append(rank)
-        cells = []
-        for model in models:
-            ours = f"{sum(ranks[model]) / len(ranks[model]):.1f}" if model in ranks else "n/a (incomplete sizes)"
-            cells.append(f"{display_name(model)} {ours} ({published_rank(model, key)})")
-        lines.append(f"  {header}: " + "; ".join(cells))
+        cells = [f"{display_name(m)} {sum(ranks[m]) / len(ranks[m]):.1f} ({published_rank(m, column.key)})"
+                 for m in models if m in ranks]
+        lines.append(f"  {column.header} ({scope}): " + ("; ".join(cells) or "-"))
     return lines
 
 
 def anomalies(frame: pd.DataFrame) -> list[str]:
+    """Everything that weakens a row or the table's comparison, one line each."""
     found = []
     for row in frame.itertuples():
         label = f"{row.display_name} {row.size}"
         if row.status != "completed":
             found.append(f"{label}: {row.status} - {row.reason or 'no reason recorded'}")
             continue
-        iterations = getattr(row, "measured_iterations", None)
-        window = getattr(row, "window_s", None)
-        if iterations is not None and window is not None and not (
+        iterations, window = row.measured_iterations, row.window_s
+        if not _missing(iterations) and not _missing(window) and not (
                 iterations >= MIN_WINDOW_ITERATIONS and window >= MIN_WINDOW_S):
-            found.append(f"{label}: short measured window ({iterations} iterations, {window:.1f} s)")
+            found.append(f"{label}: short measured window ({int(iterations)} iterations, {window:.1f} s)")
         for key, reason in (row.null_reasons or {}).items():
             found.append(f"{label}: {key} not measured - {reason}")
-        ratio = getattr(row, "energy_integral_over_counter", None)
-        if ratio is not None and not math.isnan(ratio) and abs(ratio - 1) > 0.1:
+        ratio = row.energy_integral_over_counter
+        if not _missing(ratio) and abs(ratio - 1) > 0.1:
             found.append(f"{label}: integrated power differs from the energy counter by {ratio - 1:+.1%}")
-        if getattr(row, "sampler_errors", 0):
+        if row.sampler_errors:
             found.append(f"{label}: {row.sampler_errors} sampler read errors (see provenance)")
         if isinstance(row.kernel_path, str) and "slow" in row.kernel_path:
             found.append(f"{label}: ran the slow reference path ({row.kernel_path})")
+        if not _missing(row.training_passes) and row.training_passes > 1:
+            found.append(f"{label}: {row.training_passes:.2f} passes over its training text (text repeated)")
+        if not _missing(row.train_val_gap) and row.train_val_gap > MEMORISATION_GAP:
+            found.append(f"{label}: validation loss {row.final_val_loss:.2f} is {row.train_val_gap:.2f} nats above "
+                         f"the final training loss {row.final_train_loss:.2f}: memorisation")
+        if row.dirty is True:
+            found.append(f"{label}: ran from a checkout with uncommitted changes")
+    done = frame[frame["status"] == "completed"]
+    for key, what in (("device_name", "hardware"), ("commit", "commits"), ("corpus", "training text")):
+        values = _distinct(done, key)
+        if len(values) > 1:
+            groups = "; ".join(
+                f"{str(v)[:12] if key == 'commit' else v}: "
+                + ", ".join(f"{r.display_name} {r.size}" for r in done[done[key] == v].itertuples()) for v in values)
+            found.append(f"rows come from different {what}: {groups}")
+    if len(done) and "commit" in done and done["commit"].map(_missing).any():
+        found.append("some rows record no commit")
+    for size, group in done.groupby("size", sort=False):
+        budgets = _distinct(group, "training_tokens")
+        if len(budgets) > 1:
+            found.append(f"{size}: the runs' token budgets differ ({', '.join(map(format_tokens, budgets))})")
     return found or ["none"]
 
 
 def report(frame: pd.DataFrame) -> str:
     best = best_per_size(frame)
-    lines = ["Attention-free mechanisms benchmark", "", "Setup",
-             f"  hardware: {hardware(frame)}",
+    facts = setup_facts(frame)
+    lines = ["Attention-free mechanisms benchmark", "", "Setup", *(f"  {key}: {value}" for key, value in facts.items()),
              f"  runs: {len(frame)} ({(frame['status'] == 'completed').sum()} completed)",
-             "  metrics: after warm-up; AMU in GB = 10^9 bytes; AEC over all GPUs of a run", "", "Winners per size"]
+             "  metrics: after warm-up; AMU in GB = 10^9 bytes; AEC over all GPUs of a run; PPL per token of each "
+             "run's own tokenizer, BPB comparable across tokenizers", "", "Best per size"]
     for size in frame["size"].drop_duplicates():
         group = frame[(frame["size"] == size) & (frame["status"] == "completed")]
-        for key, header, fmt, _ in TABLE_METRICS:
-            if (size, key) in best:
-                winner = group[pd.to_numeric(group[key], errors="coerce") == best[(size, key)]]["display_name"]
-                lines.append(f"  {size} {header}: {', '.join(winner)} ({fmt.format(best[(size, key)])})")
-    lines += ["", "Ranking (ours: mean rank over sizes where every family completed; 1 = best; published: the "
+        for column in TABLE_METRICS:
+            if (size, column.key) in best:
+                value = best[(size, column.key)]
+                winner = ", ".join(group[_values(group, column.key) == value]["display_name"])
+                lines.append(f"  {size} {column.header}: {winner} ({column.fmt.format(value * column.scale)})")
+    gaps = [f"  {row.display_name} {row.size}: training {row.final_train_loss:.3f}, "
+            f"validation {row.final_val_loss:.3f} ({row.train_val_gap:+.3f} nats)" for row in frame.itertuples()
+            if row.status == "completed" and not _missing(row.train_val_gap)]
+    lines += ["", f"Final losses (training: mean of the last {FINAL_LOSS_STEPS} steps; validation: the last)", *gaps]
+    lines += ["", "Ranking (ours: mean rank over the sizes where every family completed; 1 = best; published: the "
               "attention-free table of EfficientLLM, arXiv 2505.13840)", *rank_table(frame),
               "", "Anomalies", *(f"  {a}" for a in anomalies(frame)), ""]
     return "\n".join(lines)
-
-
-def plot_losses(frame: pd.DataFrame, results_dir: Path, output_dir: Path) -> list[Path]:
-    written = []
-    for size in frame["size"].drop_duplicates():
-        figure = Figure(figsize=(6, 4))
-        axis = figure.subplots()
-        plotted = False
-        for row in frame[frame["size"] == size].itertuples():
-            records = read_log(results_dir / f"{row.model}_{size}" / LOG_FILE)
-            steps = [r["step"] for r in records if "loss" in r]
-            if steps:
-                axis.plot(steps, [r["loss"] for r in records if "loss" in r], label=row.display_name)
-                plotted = True
-        if plotted:
-            axis.set(xlabel="optimizer step", ylabel="training loss (nats/token)", title=f"Training loss, {size}")
-            axis.legend()
-            path = output_dir / f"loss_curves_{size}.png"
-            figure.savefig(path, dpi=120, bbox_inches="tight")
-            written.append(path)
-    return written
-
-
-def plot_metrics(frame: pd.DataFrame, output_dir: Path) -> list[Path]:
-    done = frame[frame["status"] == "completed"]
-    written = []
-    for key, header, _, _ in TABLE_METRICS:
-        if key not in done or pd.to_numeric(done[key], errors="coerce").isna().all():
-            continue
-        table = done.pivot_table(index="size", columns="display_name", values=key, aggfunc="first")
-        table = table.reindex([s for s in SIZES if s in table.index])
-        figure = Figure(figsize=(6, 4))
-        axis = table.plot.bar(ax=figure.subplots(), rot=0)
-        axis.set(ylabel=header, title=f"{header} by size")
-        path = output_dir / f"{key}.png"
-        figure.savefig(path, dpi=120, bbox_inches="tight")
-        written.append(path)
-    return written
 
 
 def collect(results_dir: Path, output_dir: Path, configs_dir: Path | None) -> pd.DataFrame:
@@ -276,8 +378,10 @@ def collect(results_dir: Path, output_dir: Path, configs_dir: Path | None) -> pd
     frame[CSV_COLUMNS].to_csv(output_dir / "attention_free_results.csv", index=False)
     (output_dir / "attention_free_table.tex").write_text(to_latex(frame))
     (output_dir / "attention_free_report.txt").write_text(report(frame))
-    plot_losses(frame, results_dir, output_dir)
-    plot_metrics(frame, output_dir)
+    curves = {(row.model, row.size): learning_curve(folder, int(row.global_batch * row.context))
+              for (folder, *_), row in zip(runs, frame.itertuples()) if row.status == "completed"}
+    plot_curves(frame, curves, output_dir)
+    plot_by_size(frame, output_dir)
     return frame
 
 
