@@ -14,7 +14,7 @@ from training_harness.lm import CausalLM, matmul_params, parameter_count, round_
 SIZES = ("0.5B", "1.5B", "3B")
 #: preset -> what it means. ``tiny`` keeps the size names but shrinks every shape, for CPU tests.
 PRESETS = {
-    "paper": "the shapes of the study (spec.md), the default",
+    "paper": "the shapes of the study (docs/models.md), the default",
     "matched": "shapes within 10 % of each nominal size",
     "tiny": "a few million parameters, for tests and CPU smoke runs",
 }
