@@ -9,4 +9,4 @@
 #        --qwen_tokenizer --neox_tokenizer --shared_tokenizer   (see --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" -m training_harness.sweep generate "$@"
+EFFICIENTLLM_PROGRAM=$0 exec "${PYTHON:-python3}" -m training_harness.sweep generate "$@"

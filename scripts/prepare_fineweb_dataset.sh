@@ -9,4 +9,4 @@
 #        [--dataset ID] [--dataset_config NAME] [--split NAME] [--text_field NAME] [--workers N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" -m training_harness.prepare_data "$@"
+EFFICIENTLLM_PROGRAM=$0 exec "${PYTHON:-python3}" -m training_harness.prepare_data "$@"

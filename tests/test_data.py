@@ -207,6 +207,7 @@ def test_hub_source_streams_the_configured_dataset(tmp_path, corpus_texts, token
         return ({"text": text, "id": i} for i, text in enumerate(corpus_texts))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(prepare_data, "hub_reachable", lambda: True)
     out = prepare(PrepareConfig(tokenizer=tokenizer_file, output_dir=str(tmp_path / "hub"), val_fraction=0.25,
                                 max_tokens=1500, workers=1))
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-350BT", "train", True)]
@@ -262,3 +263,10 @@ def test_a_local_source_is_recorded_as_itself(tmp_path, corpus_file, tokenizer_f
     arguments = json.loads((out / "meta.json").read_text())["arguments"]
     assert arguments["source"] == str(corpus_file.resolve())
     assert not {"dataset", "dataset_config", "split"} & set(arguments)
+
+
+def test_without_the_hub_a_hub_source_fails_at_once_saying_what_to_pass(tmp_path, tokenizer_file, monkeypatch):
+    monkeypatch.setattr(prepare_data, "hub_reachable", lambda: False)
+    with pytest.raises(DataError, match="cannot be reached; pass --source a local"):
+        prepare(PrepareConfig(tokenizer=tokenizer_file, output_dir=str(tmp_path / "hub"), workers=1))
+    assert not (tmp_path / "hub").exists()

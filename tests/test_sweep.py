@@ -246,3 +246,12 @@ def test_driver_help_exits_zero_with_the_header_and_synopsis():
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0 and result.stderr == ""
     assert "dsw, one node" in result.stdout and "usage: " in result.stdout and "set -euo" not in result.stdout
+
+
+@pytest.mark.parametrize("wrapper", ["prepare_fineweb_dataset.sh", "generate_attention_free_configs.sh"])
+def test_a_wrapper_scripts_help_names_the_wrapper_and_shows_defaults(wrapper):
+    script = str(ROOT / "scripts" / wrapper)
+    result = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0 and result.stdout.split()[:2] == ["usage:", script]
+    assert "(default: " in result.stdout

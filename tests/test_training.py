@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,28 @@ def test_a_budget_beyond_the_training_split_is_said_before_the_first_step(data_d
     assert data["training_tokens"] == 2 * 64 * 32 and data["training_passes"] > 1
     warning = said.index(f"WARNING: the budget is {data['training_passes']:.2f} passes over the training split")
     assert warning < said.index("step 1/2")
+
+
+def test_offline_a_hub_tokenizer_fails_in_seconds_with_one_line(corpus_file, tmp_path):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "pythia" / "train_pythia_fineweb.py"), "--data_path",
+                             str(corpus_file), "--tokenizer", "no-such-org/no-such-tokenizer", "--output_dir",
+                             str(tmp_path / "run"), *TINY], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and time.monotonic() - started < 30
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: tokenizer 'no-such-org/no-such-tokenizer' is not in the local cache and the Hugging Face hub cannot "
+        "be reached; pass --tokenizer a local folder or tokenizer.json")
+
+
+def test_with_no_data_path_a_run_trains_on_the_bundled_corpus_without_a_download(tmp_path):
+    """README's debug command, as printed, on a machine with no network."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EFFICIENTLLM_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, str(ROOT / "pythia" / "train_pythia_fineweb.py"), "--preset", "tiny",
+                             "--seq_len", "256", "--output_dir", str(tmp_path / "run"), "--max_steps", "3"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "no --data_path: the bundled 28-document corpus" in result.stderr
+    data = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert data["source"].endswith("default_corpus.jsonl") and "bundled-" in data["tokenizer"]
+    assert read_results(tmp_path / "run")["bpb"] > 0

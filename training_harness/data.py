@@ -11,9 +11,7 @@ import torch
 
 from training_harness.errors import DataError
 from training_harness.prepare_data import LOCAL_SUFFIXES, TOKEN_BYTES_FILE, PrepareConfig, prepare, read_meta
-from training_harness.tokenization import tokenizer_name
-
-CACHE_ROOT = Path(os.environ.get("EFFICIENTLLM_CACHE", Path.home() / ".cache" / "efficientllm")) / "prepared"
+from training_harness.tokenization import CACHE_ROOT, tokenizer_name
 
 
 def resolve_data_path(data_path: str, tokenizer: str, val_fraction: float) -> Path:
@@ -25,7 +23,7 @@ def resolve_data_path(data_path: str, tokenizer: str, val_fraction: float) -> Pa
         stat = path.stat()
         identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{tokenizer}:{val_fraction}"
         key = hashlib.sha256(identity.encode()).hexdigest()[:12]
-        cache = CACHE_ROOT / f"{path.stem}-{tokenizer_name(tokenizer)}-{key}"
+        cache = CACHE_ROOT / "prepared" / f"{path.stem}-{tokenizer_name(tokenizer)}-{key}"
         return prepare(PrepareConfig(source=str(path), tokenizer=tokenizer, output_dir=str(cache),
                                      val_fraction=val_fraction, workers=1))
     if not path.exists():

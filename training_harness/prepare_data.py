@@ -26,9 +26,15 @@ from tqdm import tqdm
 
 from efficientllm_metrics import atomic_folder
 from training_harness.errors import EXIT_USAGE, DataError
-from training_harness.flags import dataclass_parser
+from training_harness.flags import dataclass_parser, program_name
 from training_harness.locks import exclusive
-from training_harness.tokenization import end_of_text_id, load_tokenizer, token_utf8_bytes, tokenizer_name
+from training_harness.tokenization import (
+    end_of_text_id,
+    hub_reachable,
+    load_tokenizer,
+    token_utf8_bytes,
+    tokenizer_name,
+)
 
 META_FILE = "meta.json"
 TOKEN_BYTES_FILE = "token_bytes.npy"
@@ -148,6 +154,10 @@ def iter_documents(config: PrepareConfig) -> Iterator[str]:
     """Documents in a fixed order: streamed from the hub, or read from local files."""
     if config.source == "hub":
         from datasets import load_dataset
+
+        if not hub_reachable():
+            raise DataError(f"--source hub streams {config.dataset} from the Hugging Face hub, which cannot be "
+                            "reached; pass --source a local .jsonl/.json/.parquet/.txt file or folder")
 
         stream = load_dataset(config.dataset, name=config.dataset_config, split=config.split, streaming=True)
         for example in stream:
@@ -328,7 +338,8 @@ def read_meta(folder: str | os.PathLike) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = dataclass_parser(PrepareConfig, __doc__.splitlines()[0]).parse_args(argv)
+    parser = dataclass_parser(PrepareConfig, __doc__.splitlines()[0], program_name("training_harness.prepare_data"))
+    args = parser.parse_args(argv)
     try:
         config = PrepareConfig(**vars(args))
         output = prepare(config)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from efficientllm_metrics import RESULTS_FILE, ResultsError, read_results
 from training_harness.figures import plot_by_size, plot_curves
+from training_harness.flags import program_name
 from training_harness.registry import SIZES, family_names, get_family
 from training_harness.run_description import CONFIG_FILE
 from training_harness.run_log import LOG_FILE, read_log
@@ -386,7 +387,7 @@ def collect(results_dir: Path, output_dir: Path, configs_dir: Path | None) -> pd
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=program_name("training_harness.report"), description=__doc__.splitlines()[0])
     parser.add_argument("--results_dir", type=Path, default=Path("experiments/attention_free_benchmark/results"))
     parser.add_argument("--output_dir", type=Path, default=Path("experiments/attention_free_benchmark/tables"))
     parser.add_argument("--configs_dir", type=Path, default=None,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from efficientllm_metrics import RESULTS_FILE, ResultsError, RunHeader, read_results, unmeasured, write_json_atomic
 from training_harness.config import SPEC_GLOBAL_BATCH, TrainConfig, read_config_file
 from training_harness.errors import ConfigError, DataError
+from training_harness.flags import PROGRAM_VARIABLE, program_name
 from training_harness.prepare_data import read_meta
 from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, family_names, get_family
 from training_harness.tokenization import tokenizer_name
@@ -127,22 +129,27 @@ def _csv(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog=program_name("training_harness.sweep"), description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="write one config per model x size")
+    wrapper = os.environ.get(PROGRAM_VARIABLE)  # scripts/generate_attention_free_configs.sh runs "generate"
+    gen = commands.add_parser("generate", help="write one config per model x size",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              **({"prog": wrapper} if wrapper else {}))
     gen.add_argument("--models", default=",".join(FAMILY_MODULES),
-                     help="families (default: the study's four; any registered family may be named)")
-    gen.add_argument("--sizes", default=",".join(SIZES))
-    gen.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+                     help="comma-separated families (the study's four; any registered family may be named)")
+    gen.add_argument("--sizes", default=",".join(SIZES), help="comma-separated nominal sizes")
+    gen.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="shapes (docs/models.md)")
     gen.add_argument("--max_steps", type=int, default=PROTOCOL_STEPS,
                      help="optimizer steps (the protocol's equal budget: 16.4M / 8.2M / 4.1M tokens per size)")
-    gen.add_argument("--seq_len", type=int, default=8192)
+    gen.add_argument("--seq_len", type=int, default=8192, help="tokens per training window")
     gen.add_argument("--micro_batch_size", type=int, default=None,
                      help="instead of the GPU plan's (tiny shapes: the whole batch)")
     gen.add_argument("--data_root", default="experiments/data", help="folder of prepared data, one per tokenizer")
-    gen.add_argument("--output_dir", default="experiments/attention_free_benchmark/configs")
-    gen.add_argument("--qwen_tokenizer", default=None, help="default: Qwen/Qwen2.5-0.5B")
-    gen.add_argument("--neox_tokenizer", default=None, help="for Pythia, Mamba, RWKV; default EleutherAI/pythia-410m")
+    gen.add_argument("--output_dir", default="experiments/attention_free_benchmark/configs",
+                     help="where the configs go")
+    gen.add_argument("--qwen_tokenizer", default=None, help="Qwen2.5's (None: Qwen/Qwen2.5-0.5B)")
+    gen.add_argument("--neox_tokenizer", default=None,
+                     help="Pythia's, Mamba's and RWKV-7's (None: EleutherAI/pythia-410m)")
     gen.add_argument("--shared_tokenizer", default=None, help="one tokenizer for all four families")
     status = commands.add_parser("status", help="print a run's status")
     status.add_argument("results_dir", type=Path)

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import socket
 from functools import cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
 from training_harness.errors import DataError
 
 END_OF_TEXT = "<|endoftext|>"
+#: Where prepared raw files and the bundled tokenizer are kept between runs.
+CACHE_ROOT = Path(os.environ.get("EFFICIENTLLM_CACHE", Path.home() / ".cache" / "efficientllm"))
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a connection within ``timeout_s`` (False under HF_HUB_OFFLINE=1):
+    asked first so that a machine without network fails in seconds, not after the client's retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_tokenizer(id_or_path: str):
-    """A fast tokenizer from a local folder, a ``tokenizer.json`` file or a hub id."""
+    """A fast tokenizer from a local folder, a ``tokenizer.json`` file, or a hub id (from the local cache when
+    it is there; the hub is asked only when it can be reached)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(id_or_path)
@@ -22,7 +45,16 @@ def load_tokenizer(id_or_path: str):
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
         if path.is_dir() and not (path / "tokenizer_config.json").exists():
             return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(id_or_path)
+        with contextlib.suppress(OSError):
+            return AutoTokenizer.from_pretrained(id_or_path, local_files_only=True)
+        if not hub_reachable():
+            raise DataError(f"tokenizer {id_or_path!r} is not in the local cache and the Hugging Face hub cannot be "
+                            "reached; pass --tokenizer a local folder or tokenizer.json")
         return AutoTokenizer.from_pretrained(id_or_path)
+    except DataError:
+        raise
     except Exception as error:
         raise DataError(
             f"cannot load tokenizer {id_or_path!r} ({type(error).__name__}: {str(error).splitlines()[0]}); "
@@ -116,3 +148,18 @@ def train_byte_level_tokenizer(texts: list[str], output_file: str | Path, vocab_
 def default_corpus_path() -> Path:
     """The small corpus shipped with the package, for runs with no download."""
     return Path(__file__).with_name("default_corpus.jsonl")
+
+
+def bundled_tokenizer() -> Path:
+    """A 512-token byte-level BPE trained on the bundled corpus, made once into the cache: the tokenizer of a
+    run given no --data_path, so that it needs no download."""
+    corpus = default_corpus_path()
+    folder = CACHE_ROOT / "tokenizers" / f"bundled-{hashlib.sha256(corpus.read_bytes()).hexdigest()[:12]}"
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        import json
+
+        texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+        staging = train_byte_level_tokenizer(texts, folder / f"tokenizer.json.{os.getpid()}", vocab_size=512)
+        staging.replace(path)  # atomic: a concurrent run finds a whole file or none
+    return path

@@ -29,6 +29,10 @@ from training_harness.lm import no_weight_decay, parameter_count
 from training_harness.registry import build_model, get_family
 from training_harness.run_description import CONFIG_FILE, RunDescription, git_state, versions
 from training_harness.run_log import LOG_FILE, RunLog
+from training_harness.tokenization import bundled_tokenizer, default_corpus_path
+
+#: Held-out share of the bundled corpus when a run is given no --data_path.
+BUNDLED_VAL_FRACTION = 0.25
 
 
 class NonFiniteLoss(RuntimeError):
@@ -140,14 +144,14 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- setup
     def setup(self) -> RunDescription:
         config, context = self.config, self.context
-        tokenizer = config.tokenizer or self.family.default_tokenizer
+        data_path, tokenizer, val_fraction = self._data_source()
         if context.is_main:  # one process prepares a raw file; the others wait and reuse it
-            if Path(config.data_path).is_file():
-                self.log.say(f"preparing {config.data_path} with tokenizer {tokenizer} (once; later runs reuse it)")
-            data_dir = resolve_data_path(config.data_path, tokenizer, config.val_fraction)
+            if Path(data_path).is_file():
+                self.log.say(f"preparing {data_path} with tokenizer {tokenizer} (once; later runs reuse it)")
+            data_dir = resolve_data_path(data_path, tokenizer, val_fraction)
         distributed.barrier(context)
         if not context.is_main:
-            data_dir = resolve_data_path(config.data_path, tokenizer, config.val_fraction)
+            data_dir = resolve_data_path(data_path, tokenizer, val_fraction)
         self.train_windows = TokenWindows(data_dir, "train", config.seq_len)
         self.val_windows = TokenWindows(data_dir, "val", config.seq_len)
         meta = self.train_windows.meta
@@ -192,6 +196,16 @@ class Trainer:
             write_json_atomic(self.output / CONFIG_FILE, self.description.as_dict())
         return self.description
 
+    def _data_source(self) -> tuple[str, str, float]:
+        """(data path, tokenizer, held-out share): the flags', or without --data_path the bundled corpus with a
+        tokenizer trained on it and a quarter of its 28 documents held out (the default share holds out none)."""
+        config = self.config
+        if config.data_path:
+            return config.data_path, config.tokenizer or self.family.default_tokenizer, config.val_fraction
+        self.log.say("no --data_path: the bundled 28-document corpus and a tokenizer trained on it, a check that "
+                     "the code runs (not a benchmark; pass --data_path for real data)")
+        return str(default_corpus_path()), str(bundled_tokenizer()), BUNDLED_VAL_FRACTION
+
     def _data_facts(self, data_dir: Path) -> dict:
         """The prepared data and what this run takes from it: the training budget in passes over the
         training split (above 1, text repeats) and the validation windows."""
@@ -223,6 +237,9 @@ class Trainer:
         ]
         if config.compile and d.device.startswith("cuda"):
             lines.append("compiling: the first step includes compilation (tens of seconds)")
+        if d.device == "cpu" and (d.preset != "tiny" or d.context > 1024):
+            lines.append(f"WARNING: {d.preset} shapes at {d.context:,} tokens on a CPU take minutes per step; "
+                         "--preset tiny --seq_len 256 checks that the code runs in seconds")
         for line in lines:
             self.log.say(line)
         if data["training_passes"] > 1:
