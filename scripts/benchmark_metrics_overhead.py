@@ -68,12 +68,13 @@ def run_mode(step, interval: float | None, steps: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="pythia")
-    parser.add_argument("--seq_len", type=int, default=8192)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--output", type=Path, default=None)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--family", default="pythia", help="family trained with and without the meters")
+    parser.add_argument("--seq_len", type=int, default=8192, help="tokens per training window")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds with and without, for the spread")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per round")
+    parser.add_argument("--output", type=Path, default=None, help="JSON file for the figures (None: print only)")
     args = parser.parse_args()
     step = make_step(args.family, args.seq_len)
     run_mode(step, None, 10)  # warm-up: allocator, cuBLAS handles, kernel selection

@@ -27,12 +27,14 @@ from training_harness.sweep import gpu_plan
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=sorted(family_names()))
-    parser.add_argument("--size", default="0.5B", choices=SIZES)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--family", required=True, choices=sorted(family_names()),
+                        help="family whose stock model is timed")
+    parser.add_argument("--size", default="0.5B", choices=SIZES, help="nominal size (paper shapes)")
     parser.add_argument("--micro_batch_size", type=int, default=None, help="default: the sweep's GPU plan")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps; the first is not timed")
-    parser.add_argument("--seq_len", type=int, default=8192)
+    parser.add_argument("--seq_len", type=int, default=8192, help="tokens per sequence")
     parser.add_argument("--profile_steps", type=int, default=0, help="steps to profile after the timed ones")
     parser.add_argument("--top", type=int, default=15, help="kernels listed by the profile")
     args = parser.parse_args()

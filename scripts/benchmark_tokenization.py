@@ -20,11 +20,12 @@ from training_harness.prepare_data import PrepareConfig, prepare, read_meta
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--repeat", type=int, default=20)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--source", required=True, help="local .jsonl/.json/.parquet/.txt file to tokenize")
+    parser.add_argument("--tokenizer", required=True, help="hub id, folder or tokenizer.json")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to time")
+    parser.add_argument("--repeat", type=int, default=20, help="times the source is repeated, for a longer timing")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         corpus = Path(work) / "corpus.jsonl"

@@ -106,22 +106,23 @@ def cell(value) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     default_data = {name: f"experiments/data/{tokenizer_name(get_family(name).default_tokenizer)}"
                     for name in ("qwen", "pythia")}
     parser.add_argument("--qwen_data", default=default_data["qwen"], help="prepared with the Qwen2.5 tokenizer")
     parser.add_argument("--neox_data", default=default_data["pythia"],
                         help="prepared with the GPT-NeoX-20B tokenizer (Pythia, Mamba, RWKV)")
-    parser.add_argument("--families", default=",".join(family_names()))
-    parser.add_argument("--sizes", default="0.5B")
-    parser.add_argument("--preset", default="paper")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--families", default=",".join(family_names()), help="comma-separated families")
+    parser.add_argument("--sizes", default="0.5B", help="comma-separated nominal sizes")
+    parser.add_argument("--preset", default="paper", help="shapes (docs/models.md)")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per timing")
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                         help="a named set of training flags, e.g. mb2=\"--micro_batch_size 2 --compile\"")
     parser.add_argument("--stock", action="store_true",
                         help="also time each family's stock implementation at the same micro-batch and at 1")
     parser.add_argument("--rounds", type=int, default=1, help="repeat everything, for the spread")
-    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--output", type=Path, default=None, help="JSON file, saved after every row (None: print only)")
     args = parser.parse_args()
     variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant] or [("plan", None)]
     device = torch.cuda.get_device_name()

@@ -25,8 +25,9 @@ def rows(preset: str, seq_len: int = 8192):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="shapes (docs/models.md)")
     args = parser.parse_args()
     print(",".join(COLUMNS))
     for row in rows(args.preset):

@@ -25,13 +25,14 @@ from training_harness.trainer import Trainer
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True)
-    parser.add_argument("--size", default="0.5B")
-    parser.add_argument("--warmup_steps", type=int, default=3)
-    parser.add_argument("--timed_steps", type=int, default=5)
-    parser.add_argument("--profile_steps", type=int, default=2)
-    parser.add_argument("--top", type=int, default=20)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--family", required=True, help="family to profile")
+    parser.add_argument("--size", default="0.5B", help="nominal size")
+    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+    parser.add_argument("--timed_steps", type=int, default=5, help="steps timed")
+    parser.add_argument("--profile_steps", type=int, default=2, help="steps under the profiler")
+    parser.add_argument("--top", type=int, default=20, help="kernels listed")
     parser.add_argument("--plan", action="store_true", help="train with the sweep's GPU plan for family and size")
     args, training_flags = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as output:

@@ -56,10 +56,11 @@ def tune_stock_model(micro_batch_size: int, seq_len: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=None)
-    parser.add_argument("--micro_batch_size", type=int, default=1)
-    parser.add_argument("--seq_len", type=int, default=8192)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", type=Path, default=None, help="JSON file for the timings (None: print only)")
+    parser.add_argument("--micro_batch_size", type=int, default=1, help="sequences per forward pass")
+    parser.add_argument("--seq_len", type=int, default=8192, help="tokens per sequence")
     parser.add_argument("--sizes", default="0.5B",
                         help="shapes to tune at; one is enough, since the table pins configurations per kernel")
     parser.add_argument("--stock_model", action="store_true",

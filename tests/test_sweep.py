@@ -88,14 +88,16 @@ def completed(model, size, params, ppl, amu, al, tt, aec, bpb=1.0, **extra):
                                                      "methods": {"aec_w": "NVML counter unsupported"}}, **extra}
 
 
-def write_run(results, name, document, commit="c0ffee" * 6, passes=0.5, losses=(7.0, 6.0), val=(6.9, 6.1)):
+def write_run(results, name, document, commit="c0ffee" * 6, passes=0.5, losses=(7.0, 6.0), val=(6.9, 6.1),
+              host="node-1"):
     """A run folder as a sweep leaves it: results, config.json (data, budget, commit) and log.jsonl."""
     folder = results / name
     folder.mkdir(parents=True)
     (folder / "efficientllm_metrics.json").write_text(json.dumps(document))
     data = {"source": "/data/corpus.jsonl", "tokenizer": "/tok/gpt-neox-20b", "training_tokens": 6_553_600,
             "training_passes": passes}
-    (folder / "config.json").write_text(json.dumps({"data": data, "git": {"commit": commit, "dirty": False}}))
+    (folder / "config.json").write_text(json.dumps({"data": data, "git": {"commit": commit, "dirty": False},
+                                                    "host": host}))
     records = [{"step": 50 * (i + 1), "loss": loss} for i, loss in enumerate(losses)]
     records += [{"step": 50 * (i + 1), "val_loss": v, "val_bpb": v / 3} for i, v in enumerate(val)]
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -158,13 +160,14 @@ def test_collector_flags_what_weakens_a_comparison(tmp_path):
     write_run(results, "qwen_0.5B", completed("qwen", "0.5B", 1, 20.5, 30.2, 0.9, 150.0, 650.0),
               passes=3.5, losses=(0.01, 0.01), val=(8.0, 9.03))
     write_run(results, "mamba_0.5B", completed("mamba", "0.5B", 1, 25.0, 12.0, 0.4, 900.0, 600.0,
-                                               device_name="NVIDIA H200"), commit="beef" * 10)
+                                               device_name="NVIDIA H200"), commit="beef" * 10, host="node-2")
     lines = collector.anomalies(collector.collect(results, tmp_path / "tables", None))
     assert "Qwen2.5 0.5B: 3.50 passes over its training text (text repeated)" in lines
     assert ("Qwen2.5 0.5B: validation loss 9.03 is 9.02 nats above the final training loss 0.01: memorisation"
             in lines)
     assert "rows come from different hardware: NVIDIA H100 80GB HBM3: Qwen2.5 0.5B; NVIDIA H200: Mamba 0.5B" in lines
     assert "rows come from different commits: c0ffeec0ffee: Qwen2.5 0.5B; beefbeefbeef: Mamba 0.5B" in lines
+    assert "rows come from different hosts: node-1: Qwen2.5 0.5B; node-2: Mamba 0.5B" in lines
 
 
 def test_every_figure_gives_a_family_the_same_colour_and_marker():
@@ -255,3 +258,25 @@ def test_a_wrapper_scripts_help_names_the_wrapper_and_shows_defaults(wrapper):
                             env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0 and result.stdout.split()[:2] == ["usage:", script]
     assert "(default: " in result.stdout
+
+
+def undescribed_options(help_text: str) -> list[str]:
+    """Options of an argparse --help text that have no description."""
+    lines = help_text.splitlines()
+    missing = []
+    for index, line in enumerate(lines):
+        if not line.startswith("  -") or line.startswith("  -h, --help"):
+            continue
+        described_here = len(line.strip().split("  ")) > 1
+        described_below = index + 1 < len(lines) and lines[index + 1].startswith(" " * 10)
+        if not (described_here or described_below):
+            missing.append(line.strip())
+    return missing
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_every_python_script_has_help_naming_it_and_describing_every_option(script):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {script}")
+    assert undescribed_options(result.stdout) == []

@@ -58,7 +58,7 @@ CSV_COLUMNS = ["model", "display_name", "size", "preset", "status", "reason", "p
                "aec_w", "energy_j", "energy_j_per_token", "mfu", "tokens", "window_s", "measured_iterations",
                "warmup_iterations", "energy_integral_over_counter", "corpus", "tokenizer", "training_tokens",
                "training_passes", "validation_windows", "final_train_loss", "final_val_loss", "train_val_gap",
-               "commit", "dirty"]
+               "commit", "dirty", "host"]
 MIN_WINDOW_ITERATIONS, MIN_WINDOW_S = 30, 30.0
 #: Validation loss this far (nats) above the final training loss flags memorisation.
 MEMORISATION_GAP = 0.3
@@ -88,7 +88,7 @@ def run_facts(folder: Path) -> dict:
         "validation_windows": data.get("validation_windows"),
         "final_train_loss": final_train, "final_val_loss": final_val,
         "train_val_gap": final_val - final_train if final_train is not None and final_val is not None else None,
-        "commit": git.get("commit"), "dirty": git.get("dirty"),
+        "commit": git.get("commit"), "dirty": git.get("dirty"), "host": config.get("host"),
     }
 
 
@@ -331,7 +331,8 @@ def anomalies(frame: pd.DataFrame) -> list[str]:
         if row.dirty is True:
             found.append(f"{label}: ran from a checkout with uncommitted changes")
     done = frame[frame["status"] == "completed"]
-    for key, what in (("device_name", "hardware"), ("commit", "commits"), ("corpus", "training text")):
+    for key, what in (("device_name", "hardware"), ("host", "hosts"), ("commit", "commits"),
+                      ("corpus", "training text")):
         values = _distinct(done, key)
         if len(values) > 1:
             groups = "; ".join(
@@ -387,9 +388,12 @@ def collect(results_dir: Path, output_dir: Path, configs_dir: Path | None) -> pd
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=program_name("training_harness.report"), description=__doc__.splitlines()[0])
-    parser.add_argument("--results_dir", type=Path, default=Path("experiments/attention_free_benchmark/results"))
-    parser.add_argument("--output_dir", type=Path, default=Path("experiments/attention_free_benchmark/tables"))
+    parser = argparse.ArgumentParser(prog=program_name("training_harness.report"), description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--results_dir", type=Path, default=Path("experiments/attention_free_benchmark/results"),
+                        help="one folder per run")
+    parser.add_argument("--output_dir", type=Path, default=Path("experiments/attention_free_benchmark/tables"),
+                        help="where the table, CSV, report and figures go")
     parser.add_argument("--configs_dir", type=Path, default=None,
                         help="the sweep's configs, so runs that never wrote results show as missing "
                              "(default: configs/ beside the results folder)")

@@ -42,6 +42,7 @@ class RunDescription:
     world_size: int
     device: str
     device_name: str
+    host: str
     data: dict
     """The prepared data's tokenizer, vocabulary, EOS id and content hash."""
     versions: dict

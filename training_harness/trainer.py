@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import platform
 import signal
 import time
 from dataclasses import dataclass, field
@@ -176,6 +177,7 @@ class Trainer:
             micro_batch_size=micro_batch, accumulation_steps=accumulation, world_size=context.world_size,
             device=str(context.device),
             device_name=torch.cuda.get_device_name(context.device) if context.cuda_indices else "cpu",
+            host=platform.node(),
             data=self._data_facts(data_dir), versions=versions(), git=git_state(), config=config.to_dict())
         self._banner()
         if config.compile:
