@@ -2,12 +2,13 @@
 # Run every config of the sweep, each in a process of its own; rerunning skips completed runs.
 # Modes: dsw, one node (one GPU, or several under torchrun); dlc, a multi-node cluster job.
 #
-#   scripts/run_all_attention_free_experiments.sh dsw cuda:0 10000            # one GPU
-#   scripts/run_all_attention_free_experiments.sh dsw cuda:0,1,2,3 10000 qwen  # 4 GPUs, configs matching "qwen"
+#   scripts/run_all_attention_free_experiments.sh dsw cuda:0 250              # one GPU
+#   scripts/run_all_attention_free_experiments.sh dsw cuda:0,1,2,3 250 qwen   # 4 GPUs, configs matching "qwen"
 #   scripts/run_all_attention_free_experiments.sh dsw cpu 10                   # CPU (tiny configs only)
-#   scripts/run_all_attention_free_experiments.sh dlc cuda:0,1,2,3,4,5,6,7 10000
-#       # multi-node: every node runs this; the cluster sets MASTER_ADDR, MASTER_PORT and
-#       # NNODES (or WORLD_SIZE = node count) and NODE_RANK (or RANK = node index)
+#   scripts/run_all_attention_free_experiments.sh dlc cuda:0,1,2,3,4,5,6,7 250
+#       # multi-node: every node runs this on a shared EXPERIMENT_DIR; the cluster sets MASTER_ADDR,
+#       # MASTER_PORT and NNODES (or WORLD_SIZE = node count) and NODE_RANK (or RANK = node index);
+#       # node 0 locks, records and reports; scripts/slurm/run_attention_free.sbatch does it under Slurm
 #
 # Environment: EXPERIMENT_DIR (default experiments/attention_free_benchmark) holding configs/, results/, logs/;
 # PYTHON (default python3); EXTRA_ARGS, flags appended to every training command.
@@ -35,26 +36,28 @@ config_dir=$EXPERIMENT_DIR/configs
 results_root=$EXPERIMENT_DIR/results
 log_dir=$EXPERIMENT_DIR/logs
 
-# The launcher: plain python on one device, torchrun for several or for a multi-node job.
+# The launcher: plain python on one device, torchrun for several or for a multi-node job (on CPU, one
+# process per node: a rehearsal of the multi-node path with gloo).
 if [[ $devices == cpu ]]; then
-  launcher=("$PYTHON"); device_flag=cpu
+  count=1; device_flag=cpu
 elif [[ $devices =~ ^cuda:([0-9]+(,[0-9]+)*)$ ]]; then
   export CUDA_VISIBLE_DEVICES=${BASH_REMATCH[1]}
   count=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | wc -l)
   device_flag=cuda
-  if [[ $mode == dlc ]]; then
-    nnodes=${NNODES:-${WORLD_SIZE:?dlc needs NNODES or WORLD_SIZE (node count)}}
-    node_rank=${NODE_RANK:-${RANK:?dlc needs NODE_RANK or RANK (node index)}}
-    launcher=("$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank"
-              --nproc_per_node "$count" --master_addr "${MASTER_ADDR:?dlc needs MASTER_ADDR}"
-              --master_port "${MASTER_PORT:?dlc needs MASTER_PORT}")
-  elif [[ $count -gt 1 ]]; then
-    launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$count")
-  else
-    launcher=("$PYTHON")
-  fi
 else
   echo "error: devices must be cpu or cuda:N[,M...], not '$devices'" >&2; usage
+fi
+node_rank=0
+if [[ $mode == dlc ]]; then
+  nnodes=${NNODES:-${WORLD_SIZE:?dlc needs NNODES or WORLD_SIZE (node count)}}
+  node_rank=${NODE_RANK:-${RANK:?dlc needs NODE_RANK or RANK (node index)}}
+  launcher=("$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank"
+            --nproc_per_node "$count" --master_addr "${MASTER_ADDR:?dlc needs MASTER_ADDR}"
+            --master_port "${MASTER_PORT:?dlc needs MASTER_PORT}")
+elif [[ $count -gt 1 ]]; then
+  launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$count")
+else
+  launcher=("$PYTHON")
 fi
 
 # Several sweeps may share one experiment folder (one per GPU, say): each run is locked while its sweep
@@ -87,21 +90,25 @@ for config in "${configs[@]}"; do
   fi
   results=$results_root/$name
   log=$log_dir/$name.log
-  lock=$lock_dir/$name.lock
-  exec 9>>"$lock"
-  if ! flock -n 9; then
-    summary+=("$name: skipped (in use by $(cat "$lock" 2>/dev/null || echo 'another sweep'))")
-    exec 9>&-
-    continue
+  if [[ $node_rank == 0 ]]; then  # a multi-node job's other nodes follow node 0: it alone locks and records
+    lock=$lock_dir/$name.lock
+    exec 9>>"$lock"
+    if ! flock -n 9; then
+      summary+=("$name: skipped (in use by $(cat "$lock" 2>/dev/null || echo 'another sweep'))")
+      exec 9>&-
+      continue
+    fi
+    echo "PID $$ on $(hostname)" >"$lock"
+  else
+    log=$log_dir/$name.node$node_rank.log
   fi
-  echo "PID $$ on $(hostname)" >"$lock"
   if [[ $("$PYTHON" -m training_harness.sweep status "$results" "$max_steps") == completed ]]; then
     summary+=("$name: skipped (already completed)")
     exec 9>&-
     continue
   fi
   if ! model=$("$PYTHON" -m training_harness.sweep model "$config" 2>>"$log"); then
-    "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" 2 "$log"
+    [[ $node_rank != 0 ]] || "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" 2 "$log"
     summary+=("$name: failed (unreadable config; see $log)")
     failed=$((failed + 1))
     continue
@@ -120,7 +127,7 @@ for config in "${configs[@]}"; do
   done
   child=
   set -e
-  [[ $code == 0 ]] || "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" "$code" "$log"
+  [[ $code == 0 || $node_rank != 0 ]] || "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" "$code" "$log"
   status=$("$PYTHON" -m training_harness.sweep status "$results" "$max_steps")
   summary+=("$name: $status (exit $code)")
   exec 9>&-
