@@ -86,10 +86,10 @@ class MambaBlock(nn.Module):
     output, and each block begins with the previous block's residual add, so that add, the norm and the input
     projection form one compiled region before the kernel."""
 
-    def __init__(self, d_model: int, fused: bool):
+    def __init__(self, d_model: int, fused: bool, mixer_class: type[nn.Module] = MambaMixer):
         super().__init__()
         self.norm = nn.RMSNorm(d_model, eps=1e-5)
-        self.mixer = MambaMixer(d_model, fused)
+        self.mixer = mixer_class(d_model, fused)  # project_in(hidden) -> projected; scan(projected, batch) -> out
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         xz, residual = self.prepare(hidden, residual)

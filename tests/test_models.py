@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import mamba.model as mamba_model
+import mamba2.model as mamba2_model
 import rwkv.model as rwkv_model
+from mamba2.ssd import ssd_scan
 from rwkv.wkv7 import wkv7_reference
 from training_harness.lm import linear_cross_entropy, matmul_params
-from training_harness.registry import FAMILY_MODULES, count_on_meta, get_family
+from training_harness.registry import FAMILY_MODULES, PAPER_FAMILIES, count_on_meta, get_family, resolve_families
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -47,7 +49,7 @@ def test_paper_counts_match_docs():
     table = (ROOT / "docs" / "models.md").read_text().split("## `matched`")[0]
     documented = {(m[0], m[1]): int(m[2].replace(",", ""))
                   for m in re.findall(r"^\| (\w+) \| ([\d.]+B) \| ([\d,]+) \|", table, re.M)}
-    assert len(documented) == 12
+    assert len(documented) == 3 * len(FAMILY_MODULES)
     for (name, size), params in documented.items():
         counted = count_on_meta(get_family(name), size, "paper")
         assert counted["params"] == params, (name, size)
@@ -156,6 +158,37 @@ def test_mamba_reference_matches_token_by_token_scan():
     assert relative_error(out.double(), mamba_token_by_token(mixer, hidden)) < 1e-5
 
 
+def ssd_quadratic(x, dt, A, B, C, D):
+    """The SSD layer in its dual, attention-like form (Dao & Gu 2024, Sec. 3): y_t = sum over s <= t of
+    (C_t . B_s) exp(sum_{r=s+1..t} dt_r A) dt_s x_s, plus D x_t; an independent check of the recurrence."""
+    heads, groups = x.shape[2], B.shape[2]
+    B, C = (m.repeat_interleave(heads // groups, dim=2).double() for m in (B, C))
+    log_decay = torch.cumsum(dt.double() * A.double(), dim=1)  # (B, L, H)
+    segment = log_decay[:, :, None, :] - log_decay[:, None, :, :]  # (B, t, s, H)
+    causal = torch.tril(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool))[None, :, :, None]
+    weights = torch.where(causal, torch.exp(segment.masked_fill(~causal, 0.0)), 0.0)
+    scores = torch.einsum("bthn,bshn->btsh", C, B) * weights * dt.double()[:, None]
+    return torch.einsum("btsh,bshp->bthp", scores, x.double()) + D.double()[:, None] * x.double()
+
+
+def test_mamba2_recurrence_matches_the_quadratic_dual_form():
+    torch.manual_seed(5)
+    batch, length, heads, headdim, groups, d_state = 2, 29, 4, 8, 2, 6
+    x = torch.randn(batch, length, heads, headdim)
+    dt = F.softplus(torch.randn(batch, length, heads))
+    A = -torch.rand(heads) * 2
+    B, C = torch.randn(batch, length, groups, d_state), torch.randn(batch, length, groups, d_state)
+    D = torch.randn(heads)
+    assert relative_error(ssd_scan(x, dt, A, B, C, D).double(), ssd_quadratic(x, dt, A, B, C, D)) < 1e-5
+
+
+def test_beyond_the_paper_families_join_only_when_named():
+    assert resolve_families("paper") == list(PAPER_FAMILIES) and "mamba2" not in PAPER_FAMILIES
+    assert "mamba2" in resolve_families("all") and resolve_families("mamba,mamba2") == ["mamba", "mamba2"]
+    with pytest.raises(ValueError, match="unknown families"):
+        resolve_families("mamba3")
+
+
 def test_cuda_without_fused_kernels_refuses(monkeypatch):
     monkeypatch.setattr(mamba_model, "fused_kernels_available", lambda: False)
     with pytest.raises(RuntimeError, match="--allow_slow_kernels"):
@@ -213,6 +246,24 @@ def test_mamba_fused_kernels_match_reference_with_gradients():
     plain = mamba_model.MambaMixer(d_model=256, fused=False).cuda()
     plain.load_state_dict(fused.state_dict())
     hidden = torch.randn(2, 257, 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fused(hidden)
+    ref = plain(hidden)
+    assert relative_error(out, ref) < 2e-2
+    out.float().sum().backward()
+    ref.sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        assert relative_error(p.grad, q.grad) < 5e-2, name
+
+
+def test_mamba2_fused_kernels_match_reference_with_gradients():
+    if not torch.cuda.is_available() or not mamba2_model.fused_kernels_available():
+        pytest.skip("needs CUDA and mamba-ssm")
+    torch.manual_seed(6)
+    fused = mamba2_model.Mamba2Mixer(d_model=256, fused=True).cuda()
+    plain = mamba2_model.Mamba2Mixer(d_model=256, fused=False).cuda()
+    plain.load_state_dict(fused.state_dict())
+    hidden = torch.randn(2, 301, 256, device="cuda")  # not a multiple of the chunk length
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = fused(hidden)
     ref = plain(hidden)

@@ -23,7 +23,7 @@ from efficientllm_metrics import RESULTS_FILE, ResultsError, read_results, write
 from training_harness.config import TrainConfig
 from training_harness.figures import family_styles, save
 from training_harness.flags import program_name
-from training_harness.registry import FAMILY_MODULES, family_names, get_family
+from training_harness.registry import get_family, resolve_families
 from training_harness.sweep import gpu_plan
 from training_harness.tokenization import tokenizer_name
 
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--devices", default="cuda:0", help="the driver's devices: cuda:N (one GPU) or cpu")
-    parser.add_argument("--models", default=",".join(FAMILY_MODULES), help="comma-separated families")
+    parser.add_argument("--models", default="paper",
+                        help="comma-separated families, 'paper' (the study's four) or 'all'")
     parser.add_argument("--size", default="0.5B", help="nominal size")
     parser.add_argument("--preset", default="paper", help="shapes (docs/models.md)")
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="comma-separated lengths")
@@ -204,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="configs, results, logs and the collected outputs")
     parser.add_argument("--collect_only", action="store_true", help="only collect what has run")
     args = parser.parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
-    unknown = [m for m in models if m not in family_names()]
-    if unknown:
-        parser.error(f"unknown families: {unknown}")
+    try:
+        models = resolve_families(args.models)
+    except ValueError as error:
+        parser.error(str(error))
     if not args.collect_only:
         tokenizers = {m: args.neox_tokenizer for m in models if m != "qwen" and args.neox_tokenizer}
         if args.qwen_tokenizer:

@@ -25,7 +25,10 @@ FAMILY_MODULES = {
     "pythia": "pythia.model",
     "mamba": "mamba.model",
     "rwkv": "rwkv.model",
+    "mamba2": "mamba2.model",
 }
+#: The study's four, the default of every sweep; the others join when named (or with "all").
+PAPER_FAMILIES = ("qwen", "pythia", "mamba", "rwkv")
 #: Families kept outside this repository join through this variable: "name=module[,name=module...]", each
 #: module importable and defining FAMILY.
 EXTRA_FAMILIES_VARIABLE = "EFFICIENTLLM_FAMILY_MODULES"
@@ -101,6 +104,16 @@ def family_modules() -> dict[str, str]:
 
 def family_names() -> list[str]:
     return list(family_modules())
+
+
+def resolve_families(names: str) -> list[str]:
+    """A comma-separated list of families, "paper" for the study's four or "all" for every registered one;
+    ValueError names the unknown ones."""
+    wanted = {"paper": list(PAPER_FAMILIES), "all": family_names()}.get(names) or [n for n in names.split(",") if n]
+    unknown = [name for name in wanted if name not in family_names()]
+    if unknown:
+        raise ValueError(f"unknown families {unknown}; choose from {family_names()}, 'paper' or 'all'")
+    return wanted
 
 
 def get_family(name: str) -> ModelFamily:

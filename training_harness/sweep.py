@@ -13,7 +13,7 @@ from training_harness.config import SPEC_GLOBAL_BATCH, TrainConfig, read_config_
 from training_harness.errors import ConfigError, DataError
 from training_harness.flags import PROGRAM_VARIABLE, program_name
 from training_harness.prepare_data import read_meta
-from training_harness.registry import FAMILY_MODULES, PRESETS, SIZES, family_names, get_family
+from training_harness.registry import PRESETS, SIZES, family_names, get_family, resolve_families
 from training_harness.tokenization import tokenizer_name
 
 
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("generate", help="write one config per model x size",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               **({"prog": wrapper} if wrapper else {}))
-    gen.add_argument("--models", default=",".join(FAMILY_MODULES),
-                     help="comma-separated families (the study's four; any registered family may be named)")
+    gen.add_argument("--models", default="paper",
+                     help="comma-separated families, 'paper' (the study's four) or 'all' (every registered one)")
     gen.add_argument("--sizes", default=",".join(SIZES), help="comma-separated nominal sizes")
     gen.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="shapes (docs/models.md)")
     gen.add_argument("--max_steps", type=int, default=PROTOCOL_STEPS,
@@ -169,15 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "generate":
-        unknown = [m for m in _csv(args.models) if m not in family_names()] + \
-                  [s for s in _csv(args.sizes) if s not in SIZES]
+        try:
+            models = resolve_families(args.models)
+        except ValueError as error:
+            parser.error(str(error))
+        unknown = [s for s in _csv(args.sizes) if s not in SIZES]
         if unknown:
-            parser.error(f"unknown models or sizes: {unknown}")
+            parser.error(f"unknown sizes: {unknown}")
         neox = args.shared_tokenizer or args.neox_tokenizer
         tokenizers = {name: neox for name in family_names() if neox}
         if args.shared_tokenizer or args.qwen_tokenizer:
             tokenizers["qwen"] = args.shared_tokenizer or args.qwen_tokenizer
-        for path in generate(_csv(args.models), _csv(args.sizes), args.preset, args.max_steps, args.seq_len,
+        for path in generate(models, _csv(args.sizes), args.preset, args.max_steps, args.seq_len,
                              args.data_root, Path(args.output_dir), tokenizers, args.micro_batch_size):
             print(path)
     elif args.command == "status":
