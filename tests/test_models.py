@@ -1,4 +1,4 @@
-"""The four families: tiny shapes learn, counts match the docs, reference paths match recurrences."""
+"""Every family: tiny shapes learn, counts match the docs, reference paths match recurrences and kernels."""
 
 import math
 import re
@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gated_deltanet.model as gated_deltanet_model
 import mamba.model as mamba_model
 import mamba2.model as mamba2_model
 import rwkv.model as rwkv_model
+from gated_deltanet.delta_rule import gated_delta_rule_reference
 from mamba2.ssd import ssd_scan
 from rwkv.wkv7 import wkv7_reference
 from training_harness.lm import linear_cross_entropy, matmul_params
@@ -182,6 +184,51 @@ def test_mamba2_recurrence_matches_the_quadratic_dual_form():
     assert relative_error(ssd_scan(x, dt, A, B, C, D).double(), ssd_quadratic(x, dt, A, B, C, D)) < 1e-5
 
 
+def delta_rule_by_matrices(q, k, v, a, b, A_log, dt_bias):
+    """The gated delta rule written with explicit matrices, S_t = alpha_t (I - beta_t k k^T) S_{t-1} +
+    beta_t k v^T, o_t = S_t^T q_t (Yang et al. 2024, eq. 10), in float64: an independent check."""
+    q = F.normalize(q.double(), dim=-1) * q.shape[-1] ** -0.5
+    k = F.normalize(k.double(), dim=-1)
+    alpha = torch.exp(-torch.exp(A_log.double()) * F.softplus(a.double() + dt_bias.double()))
+    beta = torch.sigmoid(b.double())
+    batch, length, heads, key = k.shape
+    state = torch.zeros(batch, heads, key, v.shape[-1], dtype=torch.float64)
+    identity = torch.eye(key, dtype=torch.float64)
+    outputs = []
+    for t in range(length):
+        erase = identity - beta[:, t, :, None, None] * k[:, t, :, :, None] * k[:, t, :, None, :]
+        write = beta[:, t, :, None, None] * k[:, t, :, :, None] * v[:, t].double()[:, :, None, :]
+        state = alpha[:, t, :, None, None] * erase @ state + write
+        outputs.append((state.transpose(-1, -2) @ q[:, t, :, :, None]).squeeze(-1))
+    return torch.stack(outputs, dim=1)
+
+
+def test_gated_delta_rule_reference_matches_the_matrix_form():
+    torch.manual_seed(7)
+    batch, length, heads, key, value = 2, 23, 3, 8, 16
+    q, k = torch.randn(batch, length, heads, key), torch.randn(batch, length, heads, key)
+    v, a, b = torch.randn(batch, length, heads, value), torch.randn(batch, length, heads), torch.randn(
+        batch, length, heads)
+    A_log, dt_bias = torch.randn(heads), torch.randn(heads)
+    out = gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias)
+    assert relative_error(out.double(), delta_rule_by_matrices(q, k, v, a, b, A_log, dt_bias)) < 1e-5
+
+
+def test_the_delta_rule_overwrites_what_a_key_stored():
+    """With no decay and full update rate, writing under a key replaces its value (linear attention would
+    add the two): reading with that key returns the last value written, scaled by 1/sqrt(K)."""
+    key_size = 4
+    keys = torch.eye(key_size)[[0, 1, 0]]  # key 0, key 1, key 0 again
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    q = torch.eye(key_size)[[0, 1, 0]]
+    out = gated_delta_rule_reference(q[None, :, None], keys[None, :, None], values[None, :, None],
+                                     torch.zeros(1, 3, 1), torch.full((1, 3, 1), 30.0), torch.tensor([-30.0]),
+                                     torch.zeros(1))
+    read = out[0, :, 0] * key_size ** 0.5
+    assert torch.allclose(read[0], values[0], atol=1e-4) and torch.allclose(read[1], values[1], atol=1e-4)
+    assert torch.allclose(read[2], values[2], atol=1e-4)  # overwritten, not values[0] + values[2]
+
+
 def test_beyond_the_paper_families_join_only_when_named():
     assert resolve_families("paper") == list(PAPER_FAMILIES) and "mamba2" not in PAPER_FAMILIES
     assert "mamba2" in resolve_families("all") and resolve_families("mamba,mamba2") == ["mamba", "mamba2"]
@@ -264,6 +311,24 @@ def test_mamba2_fused_kernels_match_reference_with_gradients():
     plain = mamba2_model.Mamba2Mixer(d_model=256, fused=False).cuda()
     plain.load_state_dict(fused.state_dict())
     hidden = torch.randn(2, 301, 256, device="cuda")  # not a multiple of the chunk length
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fused(hidden)
+    ref = plain(hidden)
+    assert relative_error(out, ref) < 2e-2
+    out.float().sum().backward()
+    ref.sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        assert relative_error(p.grad, q.grad) < 5e-2, name
+
+
+def test_gated_deltanet_fla_kernel_matches_reference_with_gradients():
+    if not torch.cuda.is_available() or not gated_deltanet_model.fused_kernels_available():
+        pytest.skip("needs CUDA and flash-linear-attention")
+    torch.manual_seed(8)
+    fused = gated_deltanet_model.GatedDeltaNetMixer(d_model=256, heads=2, head_dim=64, fused=True).cuda()
+    plain = gated_deltanet_model.GatedDeltaNetMixer(d_model=256, heads=2, head_dim=64, fused=False).cuda()
+    plain.load_state_dict(fused.state_dict())
+    hidden = torch.randn(2, 201, 256, device="cuda")  # not a multiple of the chunk length
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = fused(hidden)
     ref = plain(hidden)

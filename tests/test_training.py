@@ -30,7 +30,7 @@ def losses(output: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-@pytest.mark.parametrize("family", ["qwen", "pythia", "mamba", "rwkv", "mamba2"])
+@pytest.mark.parametrize("family", ["qwen", "pythia", "mamba", "rwkv", "mamba2", "gated_deltanet"])
 def test_script_runs_ten_steps_and_writes_every_output(family, data_dir, tmp_path):
     output = tmp_path / "run"
     script = ROOT / family / f"train_{family}_fineweb.py"

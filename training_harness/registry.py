@@ -26,6 +26,7 @@ FAMILY_MODULES = {
     "mamba": "mamba.model",
     "rwkv": "rwkv.model",
     "mamba2": "mamba2.model",
+    "gated_deltanet": "gated_deltanet.model",
 }
 #: The study's four, the default of every sweep; the others join when named (or with "all").
 PAPER_FAMILIES = ("qwen", "pythia", "mamba", "rwkv")

@@ -135,7 +135,7 @@ def discover(results_dir: Path, configs_dir: Path | None) -> list[tuple[Path, st
         names |= {p.stem for p in configs_dir.glob("*.json")}
     runs = []
     for name in names:
-        model, _, size = name.partition("_")
+        model, _, size = name.rpartition("_")  # family names may hold "_"
         runs.append((results_dir / name, model, size))
     order = {m: i for i, m in enumerate(family_names())}
     return sorted(runs, key=lambda r: (SIZES.index(r[2]) if r[2] in SIZES else 99, order.get(r[1], 99), r[1]))

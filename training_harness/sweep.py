@@ -100,7 +100,7 @@ def record_crash(results_dir: Path, name: str, exit_code: int, log: str) -> None
     """A run that died without writing its results (a segfault, a killed process) still gets a row."""
     if run_status(results_dir, 0) not in ("missing", "corrupt"):
         return  # the run wrote its own outcome
-    model, _, size = name.partition("_")
+    model, _, size = name.rpartition("_")  # family names may hold "_"
     header = RunHeader(status="failed", error=f"process exited with code {exit_code} without results; see {log}",
                        model=model, size=size)
     write_json_atomic(results_dir / RESULTS_FILE, unmeasured(header, None))

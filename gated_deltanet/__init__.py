@@ -1,0 +1,1 @@
+"""Gated DeltaNet: the gated delta rule with short convolutions (flash-linear-attention kernels on CUDA)."""
