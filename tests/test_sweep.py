@@ -280,3 +280,13 @@ def test_every_python_script_has_help_naming_it_and_describing_every_option(scri
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith(f"usage: {script}")
     assert undescribed_options(result.stdout) == []
+
+
+def test_a_crashed_run_of_a_family_whose_name_holds_an_underscore_is_recorded_as_that_family(tmp_path):
+    from training_harness.sweep import record_crash
+
+    record_crash(tmp_path / "gated_deltanet_1.5B", "gated_deltanet_1.5B", 139, "logs/gated_deltanet_1.5B.log")
+    results = json.loads((tmp_path / "gated_deltanet_1.5B" / "efficientllm_metrics.json").read_text())
+    assert (results["model"], results["size"], results["status"]) == ("gated_deltanet", "1.5B", "failed")
+    frame = collector.collect(tmp_path, tmp_path / "tables", None)
+    assert frame.loc[0, "display_name"] == "Gated DeltaNet" and frame.loc[0, "size"] == "1.5B"

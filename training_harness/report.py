@@ -104,7 +104,8 @@ def load_run(folder: Path, model: str, size: str) -> dict:
     provenance = results.get("provenance") or {}
     methods = provenance.get("methods") or {}
     cross_check = results.get("energy_cross_check") or {}
-    row.update({key: results.get(key) for key in CSV_COLUMNS if key in results})
+    # Recorded values only: a crashed run's header is null where setup never got (its display name too).
+    row.update({key: results[key] for key in CSV_COLUMNS if results.get(key) is not None})
     row.update(run_facts(folder))
     row.update({
         "status": results.get("status", "corrupt"),
