@@ -8,6 +8,7 @@ The parameter layout and initialisation follow ``mamba_ssm.modules.mamba_simple.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -61,6 +62,13 @@ class MambaMixer(nn.Module):
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
+    def init_for_depth(self, layers: int) -> None:
+        """MambaLMHeadModel's init of the projections: out_proj scaled by 1/sqrt(layers)."""
+        for linear in (self.in_proj, self.x_proj, self.out_proj):
+            nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+        with torch.no_grad():
+            self.out_proj.weight /= math.sqrt(layers)
+
     def project_in(self, hidden: torch.Tensor) -> torch.Tensor:
         """The input projection of hidden (B, L, D), transposed: (2E, B*L), contiguous."""
         return self.in_proj.weight @ hidden.reshape(-1, hidden.shape[-1]).t()
@@ -86,7 +94,7 @@ class MambaBlock(nn.Module):
     output, and each block begins with the previous block's residual add, so that add, the norm and the input
     projection form one compiled region before the kernel."""
 
-    def __init__(self, d_model: int, fused: bool, mixer_class: type[nn.Module] = MambaMixer):
+    def __init__(self, d_model: int, fused: bool, mixer_class: Callable[[int, bool], nn.Module] = MambaMixer):
         super().__init__()
         self.norm = nn.RMSNorm(d_model, eps=1e-5)
         self.mixer = mixer_class(d_model, fused)  # project_in(hidden) -> projected; scan(projected, batch) -> out
@@ -105,22 +113,17 @@ class MambaBlock(nn.Module):
 
 
 class MambaBackbone(nn.Module):
-    def __init__(self, layers: int, d_model: int, vocab_size: int, fused: bool):
+    """Embedding, residual blocks of ``mixer_class`` (Mamba-1's, or Mamba-2's), final norm."""
+
+    def __init__(self, layers: int, d_model: int, vocab_size: int, fused: bool,
+                 mixer_class: Callable[[int, bool], nn.Module] = MambaMixer):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(MambaBlock(d_model, fused) for _ in range(layers))
+        self.blocks = nn.ModuleList(MambaBlock(d_model, fused, mixer_class) for _ in range(layers))
         self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
-        self._init_weights(layers)
-
-    def _init_weights(self, layers: int) -> None:
-        """MambaLMHeadModel's init: embeddings N(0, 0.02), zero linear biases, out_proj scaled by 1/sqrt(L)."""
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.normal_(self.embedding.weight, std=0.02)  # MambaLMHeadModel's init
         for block in self.blocks:
-            mixer = block.mixer
-            for linear in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
-                nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
-            with torch.no_grad():
-                mixer.out_proj.weight /= math.sqrt(layers)
+            block.mixer.init_for_depth(layers)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embedding(input_ids), None  # (B, T, D)
@@ -144,14 +147,18 @@ def scan_flops_per_token(shape: dict, seq_len: int) -> float:
     return 3.0 * shape["layers"] * d_inner * (9 * D_STATE + 2 * D_CONV)
 
 
-def build_stock(shape: dict, vocab_size: int) -> nn.Module:
-    """mamba-ssm's MambaLMHeadModel with its defaults: fused add + RMSNorm (Triton), residual in float32."""
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+def stock_builder(layer: str) -> Callable[[dict, int], nn.Module]:
+    """mamba-ssm's MambaLMHeadModel with ``layer`` ("Mamba1", "Mamba2") and its defaults: fused add + RMSNorm
+    (Triton), residual in float32."""
+    def build_stock(shape: dict, vocab_size: int) -> nn.Module:
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
-    return MambaLMHeadModel(MambaConfig(d_model=shape["d_model"], n_layer=shape["layers"], vocab_size=vocab_size,
-                                        ssm_cfg={"layer": "Mamba1"}, rms_norm=True, fused_add_norm=True,
-                                        residual_in_fp32=True))
+        return MambaLMHeadModel(MambaConfig(d_model=shape["d_model"], n_layer=shape["layers"], vocab_size=vocab_size,
+                                            ssm_cfg={"layer": layer}, rms_norm=True, fused_add_norm=True,
+                                            residual_in_fp32=True))
+
+    return build_stock
 
 
 def stock_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -165,6 +172,6 @@ FAMILY = ModelFamily(
     shapes=SHAPES, build=build, sequence_flops_per_token=scan_flops_per_token,
     gpu_plan={"0.5B": {"micro_batch_size": 8}, "1.5B": {"micro_batch_size": 4}, "3B": {"micro_batch_size": 1}},
     published_ranks={"ppl": 2, "amu_gb": 1, "al_s_per_iter": 1, "tt_tokens_per_param_s": 4, "aec_w": 1},
-    stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba1; fused add+RMSNorm, residual in fp32)", build_stock,
-                         stock_loss),
+    stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba1; fused add+RMSNorm, residual in fp32)",
+                         stock_builder("Mamba1"), stock_loss),
 )

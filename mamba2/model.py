@@ -2,18 +2,18 @@
 
 The parameter layout and initialisation follow ``mamba_ssm.modules.mamba2.Mamba2`` and ``MambaLMHeadModel``
 (pre-norm RMSNorm residual blocks with the residual in float32, tied embeddings), so the fused
-``mamba_split_conv1d_scan_combined`` consumes these weights directly. The residual block is Mamba-1's.
+``mamba_split_conv1d_scan_combined`` consumes these weights directly. Blocks and backbone are Mamba-1's.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from mamba.model import MambaBlock
+from mamba.model import MambaBackbone, stock_builder, stock_loss
 from mamba2.ssd import FUSED_PATH, REFERENCE_PATH, fused_kernels_available, mixer_fused, mixer_reference
 from training_harness.lm import CausalLM, tag_no_weight_decay
 from training_harness.registry import ModelFamily, StockReference
@@ -61,6 +61,11 @@ class Mamba2Mixer(nn.Module):
         dt = dt.clamp(min=1e-4)
         return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
 
+    def init_for_depth(self, layers: int) -> None:
+        """MambaLMHeadModel's init: out_proj scaled by 1/sqrt(layers)."""
+        with torch.no_grad():
+            self.out_proj.weight /= math.sqrt(layers)
+
     def project_in(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> zxbcdt (B, L, 2E + 2GN + H), the layout the fused kernel reads."""
         return self.in_proj(hidden)
@@ -76,35 +81,13 @@ class Mamba2Mixer(nn.Module):
         return self.scan(self.project_in(hidden), hidden.shape[0])
 
 
-class Mamba2Backbone(nn.Module):
-    def __init__(self, shape: dict, vocab_size: int, fused: bool):
-        super().__init__()
-        layers, d_model = shape["layers"], shape["d_model"]
-        sizes = {key: shape[key] for key in ("headdim", "d_state", "chunk_size") if key in shape}
-
-        def mixer(width: int, use_fused: bool) -> Mamba2Mixer:
-            return Mamba2Mixer(width, use_fused, **sizes)
-
-        self.embedding = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(MambaBlock(d_model, fused, mixer) for _ in range(layers))
-        self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
-        nn.init.normal_(self.embedding.weight, std=0.02)  # MambaLMHeadModel's init
-        with torch.no_grad():
-            for block in self.blocks:
-                block.mixer.out_proj.weight /= math.sqrt(layers)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embedding(input_ids), None  # (B, T, D)
-        for block in self.blocks:
-            hidden, residual = block(hidden, residual)
-        return self.norm_f((residual + hidden).to(self.norm_f.weight.dtype))
-
-
 def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
     fused = device_type == "cuda" and fused_kernels_available()
     if device_type == "cuda" and not fused and not allow_slow_kernels:
         raise RuntimeError(f"Mamba-2 on CUDA needs the mamba-ssm kernels, which are not importable: {INSTALL_HINT}")
-    return CausalLM(Mamba2Backbone(shape, vocab_size, fused), vocab_size, shape["d_model"], tie_embeddings=True,
+    sizes = {key: shape[key] for key in ("headdim", "d_state", "chunk_size") if key in shape}  # tiny shapes
+    backbone = MambaBackbone(shape["layers"], shape["d_model"], vocab_size, fused, partial(Mamba2Mixer, **sizes))
+    return CausalLM(backbone, vocab_size, shape["d_model"], tie_embeddings=True,
                     kernel_path=FUSED_PATH if fused else REFERENCE_PATH)
 
 
@@ -119,25 +102,9 @@ def ssd_flops_per_token(shape: dict, seq_len: int) -> float:
     return 3.0 * shape["layers"] * forward
 
 
-def build_stock(shape: dict, vocab_size: int) -> nn.Module:
-    """mamba-ssm's MambaLMHeadModel with the Mamba2 layer and its defaults: fused add + RMSNorm, fp32 residual."""
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-
-    return MambaLMHeadModel(MambaConfig(d_model=shape["d_model"], n_layer=shape["layers"], vocab_size=vocab_size,
-                                        ssm_cfg={"layer": "Mamba2"}, rms_norm=True, fused_add_norm=True,
-                                        residual_in_fp32=True))
-
-
-def stock_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """MambaLMHeadModel returns logits only: cross-entropy of the float logits, labels shifted by one."""
-    logits = model(tokens).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-
-
 FAMILY = ModelFamily(
     name="mamba2", display_name="Mamba-2", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=ssd_flops_per_token,
-    stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba2; fused add+RMSNorm, residual in fp32)", build_stock,
-                         stock_loss),
+    stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba2; fused add+RMSNorm, residual in fp32)",
+                         stock_builder("Mamba2"), stock_loss),
 )
