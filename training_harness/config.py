@@ -101,6 +101,11 @@ class TrainConfig:
     def global_batch(self) -> int:
         return self.batch_size or SPEC_GLOBAL_BATCH[self.model_size]
 
+    @property
+    def training_tokens(self) -> int:
+        """The run's budget: tokens of all optimizer steps."""
+        return self.max_steps * self.global_batch * self.seq_len
+
     def batch_plan(self, world_size: int) -> tuple[int, int]:
         """(micro-batch per rank, accumulation steps) that make up the global batch exactly."""
         micro = self.micro_batch_size or (self.global_batch if world_size == 1 else 1)

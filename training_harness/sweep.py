@@ -44,11 +44,11 @@ def repeats_data(config: TrainConfig) -> str | None:
         train_tokens = read_meta(config.data_path)["splits"]["train"]["tokens"]
     except DataError:
         return None
-    budget = config.max_steps * config.global_batch * config.seq_len
-    if budget <= train_tokens:
+    if config.training_tokens <= train_tokens:
         return None
-    return (f"WARNING: {config.model} {config.model_size}: {config.max_steps} steps need {budget:,} training tokens, "
-            f"{budget / train_tokens:.2f} passes over the {train_tokens:,} of {config.data_path}: text repeats")
+    return (f"WARNING: {config.model} {config.model_size}: {config.max_steps} steps need {config.training_tokens:,} "
+            f"training tokens, {config.training_tokens / train_tokens:.2f} passes over the {train_tokens:,} of "
+            f"{config.data_path}: text repeats")
 
 
 def config_name(model: str, size: str) -> str:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="where the configs go")
     gen.add_argument("--qwen_tokenizer", default=None, help="Qwen2.5's (None: Qwen/Qwen2.5-0.5B)")
     gen.add_argument("--neox_tokenizer", default=None,
-                     help="Pythia's, Mamba's and RWKV-7's (None: EleutherAI/pythia-410m)")
+                     help="every other family's (None: EleutherAI/pythia-410m)")
     gen.add_argument("--shared_tokenizer", default=None, help="one tokenizer for all four families")
     status = commands.add_parser("status", help="print a run's status")
     status.add_argument("results_dir", type=Path)

@@ -212,8 +212,7 @@ class Trainer:
         """The prepared data and what this run takes from it: the training budget in passes over the
         training split (above 1, text repeats) and the validation windows."""
         config, meta = self.config, self.train_windows.meta
-        budget = config.max_steps * config.global_batch * config.seq_len
-        train_tokens = meta["splits"]["train"]["tokens"]
+        budget, train_tokens = config.training_tokens, meta["splits"]["train"]["tokens"]
         return {
             "folder": str(data_dir), "source": meta.get("arguments", {}).get("source"),
             **{key: meta[key] for key in ("tokenizer", "vocab_size", "eos_id", "content_sha256")},
