@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no display backend
+from matplotlib.ticker import LogFormatter
 
 from training_harness.registry import SIZES, family_names
 
@@ -64,9 +65,13 @@ def _legend_outside(axis) -> None:
 
 
 def _log_if_wide(axis, values: pd.Series) -> None:
+    """A log axis where the values span a decade or more: every decade labelled, and the ticks between them
+    where only a few decades show."""
     positive = values[values > 0]
     if len(positive) and positive.max() / positive.min() >= 10:
         axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(LogFormatter())  # minor ticks labelled only where few decades show
+        axis.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(1.5, 0.5)))
 
 
 def plot_by_size(frame: pd.DataFrame, output_dir: Path) -> list[Path]:
