@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +20,7 @@ from matplotlib.figure import Figure
 
 from efficientllm_metrics import RESULTS_FILE, ResultsError, read_results, write_json_atomic
 from training_harness.config import TrainConfig
-from training_harness.figures import family_styles, save
+from training_harness.figures import Quantity, family_styles, legend_outside, save
 from training_harness.flags import program_name
 from training_harness.registry import get_family, resolve_families
 from training_harness.sweep import gpu_plan
@@ -35,17 +34,9 @@ ATTENTION_FAMILIES = ("qwen", "pythia")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True)
-class Quantity:
-    key: str
-    label: str
-    lower: bool
-    scale: float = 1.0
-
-
 PLOTTED = [Quantity("tokens_per_s", "throughput (tokens / s)", lower=False),
-           Quantity("peak_memory_gb", "peak GPU memory (GB)", lower=True),
-           Quantity("energy_j_per_token", "energy per token (mJ)", lower=True, scale=1e3)]
+           Quantity("peak_memory_gb", "peak GPU memory (GB)"),
+           Quantity("energy_j_per_token", "energy per token (mJ)", scale=1e3)]
 
 
 def context_plan(model: str, size: str, context: int, tokens_per_step: int) -> dict:
@@ -180,7 +171,7 @@ def plot(frame: pd.DataFrame, output_dir: Path) -> list[Path]:
         axis.set_xscale("log", base=2)
         axis.set(xlabel="context (tokens per sequence)", ylabel=quantity.label)
         axis.grid(alpha=0.3)
-        axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+        legend_outside(axis)
         written += save(figure, output_dir, f"context_{quantity.key}")
     return written
 

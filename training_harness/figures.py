@@ -34,11 +34,13 @@ def family_styles(models: list[str]) -> dict[str, Style]:
 
 @dataclass(frozen=True)
 class Quantity:
-    """A plotted result column: its axis label in words with units, and a scale from the stored unit."""
+    """A plotted result column: its axis label in words with units, a scale from the stored unit, and whether
+    less is better (for comparisons between families)."""
 
     key: str
     label: str
     scale: float = 1.0
+    lower: bool = True
 
 
 QUANTITIES = [
@@ -60,7 +62,7 @@ def save(figure: Figure, output_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _legend_outside(axis) -> None:
+def legend_outside(axis) -> None:
     axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
 
 
@@ -99,7 +101,7 @@ def plot_by_size(frame: pd.DataFrame, output_dir: Path) -> list[Path]:
         axis.set(xlabel="nominal model size", ylabel=quantity.label)
         _log_if_wide(axis, values.dropna())
         axis.grid(axis="y", alpha=0.3)
-        _legend_outside(axis)
+        legend_outside(axis)
         written += save(figure, output_dir, quantity.key)
     return written
 
@@ -128,6 +130,6 @@ def plot_curves(frame: pd.DataFrame, curves: dict[tuple[str, str], pd.DataFrame]
                           marker=style.marker if column == "val_bpb" else None, markersize=4)
             axis.set(xlabel=x_label, ylabel=y_label, title=f"{size}")
             axis.grid(alpha=0.3)
-            _legend_outside(axis)
+            legend_outside(axis)
             written += save(figure, output_dir, f"{stem}_{size}")
     return written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 from functools import cache
@@ -86,8 +87,6 @@ def _byte_of_symbol() -> dict[str, int]:
 
 def _decodes_byte_level(tokenizer) -> bool:
     """Whether the tokenizer's decoder maps tokens back to bytes through byte-level BPE's alphabet."""
-    import json
-
     decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
     parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
     return any(part.get("type") == "ByteLevel" for part in parts)
@@ -157,8 +156,6 @@ def bundled_tokenizer() -> Path:
     folder = CACHE_ROOT / "tokenizers" / f"bundled-{hashlib.sha256(corpus.read_bytes()).hexdigest()[:12]}"
     path = folder / "tokenizer.json"
     if not path.exists():
-        import json
-
         texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
         staging = train_byte_level_tokenizer(texts, folder / f"tokenizer.json.{os.getpid()}", vocab_size=512)
         staging.replace(path)  # atomic: a concurrent run finds a whole file or none
