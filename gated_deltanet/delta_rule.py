@@ -12,21 +12,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from training_harness import fla_kernels
+
 FUSED_PATH = "fla chunk_gated_delta_rule (Triton; gate, beta and q/k norm in the kernel)"
 REFERENCE_PATH = "PyTorch reference gated delta rule (slow)"
 
 
+def fla_kernel_choice() -> str | None:
+    """How fla's kernels are chosen ("pinned ..." or "autotuned ..."), or None without fla."""
+    return fla_kernels.fla_kernel_choice("gated_deltanet", "fla.ops.gated_delta_rule")
+
+
 def fused_kernels_available() -> bool:
-    try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return fla_kernel_choice() is not None
 
 
 @torch.compiler.disable  # Triton kernels behind an autograd.Function: run eagerly between compiled regions
 def gated_delta_rule_fused(q, k, v, a, b, A_log, dt_bias):
     """fla's chunked kernel with the layer's in-kernel options (GatedDeltaNet's training path)."""
+    fla_kernel_choice()  # the first import of fla pins its kernel configurations
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     out, _ = chunk_gated_delta_rule(q, k, v, g=a, beta=b, use_qk_l2norm_in_kernel=True,

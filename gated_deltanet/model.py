@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gated_deltanet.delta_rule import (
     FUSED_PATH,
     REFERENCE_PATH,
+    fla_kernel_choice,
     fused_kernels_available,
     gated_delta_rule_fused,
     gated_delta_rule_reference,
@@ -151,8 +152,9 @@ def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bo
     if device_type == "cuda" and not fused and not allow_slow_kernels:
         raise RuntimeError(f"Gated DeltaNet on CUDA needs flash-linear-attention, which is not importable: "
                            f"{INSTALL_HINT}")
+    kernel_path = f"{FUSED_PATH}, {fla_kernel_choice()}" if fused else REFERENCE_PATH
     return CausalLM(GatedDeltaNetBackbone(shape, vocab_size, fused), vocab_size, shape["d_model"],
-                    tie_embeddings=False, kernel_path=FUSED_PATH if fused else REFERENCE_PATH)
+                    tie_embeddings=False, kernel_path=kernel_path)
 
 
 def delta_rule_flops_per_token(shape: dict, seq_len: int) -> float:
@@ -165,7 +167,11 @@ def delta_rule_flops_per_token(shape: dict, seq_len: int) -> float:
 
 
 def build_stock(shape: dict, vocab_size: int) -> nn.Module:
-    """fla's GatedDeltaNetForCausalLM at the same shape, with its defaults (fused norms and cross-entropy)."""
+    """fla's GatedDeltaNetForCausalLM at the same shape, with its defaults (fused norms and cross-entropy), its
+    kernels pinned like the harness's (training_harness/fla_kernels.py)."""
+    from training_harness.fla_kernels import import_fla_with_pinned_configs
+
+    import_fla_with_pinned_configs("gated_deltanet", "fla.models")
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 
     return GatedDeltaNetForCausalLM(GatedDeltaNetConfig(

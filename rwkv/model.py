@@ -238,10 +238,10 @@ def wkv_flops_per_token(shape: dict, seq_len: int) -> float:
 
 def build_stock(shape: dict, vocab_size: int) -> nn.Module:
     """flash-linear-attention's RWKV7ForCausalLM with its defaults (fused norms and cross-entropy), its kernels
-    pinned like the harness's (rwkv/kernel_configs.py)."""
-    from rwkv.kernel_configs import import_fla_with_pinned_configs
+    pinned like the harness's (training_harness/fla_kernels.py)."""
+    from training_harness.fla_kernels import import_fla_with_pinned_configs
 
-    import_fla_with_pinned_configs("fla.models")
+    import_fla_with_pinned_configs("rwkv", "fla.models")
     from fla.models import RWKV7Config, RWKV7ForCausalLM
 
     return RWKV7ForCausalLM(RWKV7Config(hidden_size=shape["d_model"], num_hidden_layers=shape["layers"],

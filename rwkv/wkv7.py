@@ -12,9 +12,9 @@ This is the diagonal-plus-low-rank form that fla's ``chunk_rwkv7`` computes.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from training_harness import fla_kernels
 
 FLA_PATH = "flash-linear-attention chunk_rwkv7 (Triton, chunked DPLR)"
 REFERENCE_PATH = "PyTorch reference WKV-7 recurrence (slow)"
@@ -22,15 +22,9 @@ REFERENCE_PATH = "PyTorch reference WKV-7 recurrence (slow)"
 LOG_DECAY_LOWER_BOUND = -0.6065306597126334
 
 
-@functools.cache
 def fla_kernel_choice() -> str | None:
-    """How fla's kernels are configured ("pinned ..." or "autotuned ..."), or None without fla."""
-    from rwkv.kernel_configs import import_fla_with_pinned_configs
-
-    try:
-        return import_fla_with_pinned_configs()
-    except ImportError:
-        return None
+    """How fla's kernels are chosen ("pinned ..." or "autotuned ..."), or None without fla."""
+    return fla_kernels.fla_kernel_choice("rwkv", "fla.ops.rwkv7")
 
 
 def fla_available() -> bool:

@@ -72,7 +72,7 @@ def generate(models: list[str], size: str, contexts: list[int], tokens_per_step:
                                  eval_windows=1, final_checkpoint=False, **plan)
             values = {key: value for key, value in config.to_dict().items() if value not in (None, "")}
             path = output_dir / f"{run_name(model, context)}.json"
-            path.write_text(json.dumps(values, indent=2) + "\n")
+            write_json_atomic(path, values)  # a driver on another GPU may be reading the folder
             written.append(path)
     return written
 

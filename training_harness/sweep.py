@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -78,7 +77,7 @@ def generate(models: list[str], sizes: list[str], preset: str, max_steps: int, s
             # output_dir and device belong to the driver's call, not the config.
             values = {key: value for key, value in config.to_dict().items() if value not in (None, "")}
             path = output_dir / f"{config_name(model, size)}.json"
-            path.write_text(json.dumps(values, indent=2) + "\n")
+            write_json_atomic(path, values)
             written.append(path)
     return written
 

@@ -5,10 +5,13 @@ import json
 import sys
 import types
 import weakref
+from pathlib import Path
 
 import pytest
 
-from rwkv import kernel_configs
+from training_harness import fla_kernels
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Config:
@@ -59,7 +62,7 @@ def entry(size: int) -> dict:
 
 
 def test_pinned_kernel_sees_only_its_configurations(fake_triton):
-    with kernel_configs._pinned_autotune({"fla.ops.fake.chunk_fwd": [entry(32)]}):
+    with fla_kernels._pinned_autotune({"fla.ops.fake.chunk_fwd": [entry(32)]}):
         pinned = decorated(fake_triton, "chunk_fwd")
         free = decorated(fake_triton, "token_shift")
     assert [c.kwargs for c in pinned.configs] == [{"BT": 32}]
@@ -77,11 +80,17 @@ def test_dump_records_chosen_configurations_and_extends_a_table(fake_triton, tmp
     never_ran = decorated(fake_triton, "group_norm")
     dead_proxy = weakref.proxy(Config({}))  # gc lists it; isinstance() on it raises ReferenceError
     out = tmp_path / "table.json"
-    assert kernel_configs.dump(out, extend=base) == 2
+    assert fla_kernels.dump(out, extend=base) == 2
     table = json.loads(out.read_text())
     assert table["capability"] == [9, 0]
     assert table["kernels"] == {"fla.ops.fake.chunk_fwd": [entry(32)], "fla.ops.fake.token_shift": [entry(64)]}
     assert not never_ran.cache  # alive during dump(), but nothing chosen, so nothing written
     with pytest.raises(ReferenceError):  # the hazard dump() had to survive is really there
         isinstance(dead_proxy, Config)
-    assert kernel_configs.dump(out) == 1  # without a base, only what was tuned here
+    assert fla_kernels.dump(out) == 1  # without a base, only what was tuned here
+
+
+def test_each_family_keeps_its_own_tables():
+    assert fla_kernels.config_file("rwkv", (9, 0)) == ROOT / "rwkv" / "kernel_configs" / "fla_sm90.json"
+    assert fla_kernels.config_file("rwkv", (9, 0)).exists()  # Hopper's table ships with the package
+    assert fla_kernels.config_file("gated_deltanet", (8, 0)).parent == ROOT / "gated_deltanet" / "kernel_configs"

@@ -1,15 +1,18 @@
-"""Fixed Triton configurations for flash-linear-attention's RWKV-7 kernels, so that a run starts in seconds.
+"""Fixed Triton configurations for flash-linear-attention's kernels, so that a run starts in seconds.
 
 fla autotunes each kernel over hundreds of configurations the first time it runs on a machine
 (minutes at 8K context). ``dump()`` records the configurations that autotuning chose, and
 ``import_fla_with_pinned_configs()`` imports fla with ``triton.autotune`` narrowed to those, so a
 fresh machine only compiles the chosen kernels. Kernels without a pinned entry autotune as usual.
-The table is per GPU architecture (Hopper: sm90); ``scripts/tune_rwkv_kernels.py`` regenerates it.
+Each family that runs on fla keeps its own tables, one per GPU architecture (Hopper: sm90), in its
+``kernel_configs/`` folder, since the best tiles depend on its head sizes; ``scripts/tune_fla_kernels.py``
+regenerates them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import json
@@ -17,11 +20,13 @@ import sys
 import warnings
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).with_name("kernel_configs")
+TABLES = "kernel_configs"  # the folder of a family's tables, inside its package
 
 
-def config_file(compute_capability: tuple[int, int]) -> Path:
-    return CONFIG_DIR / f"fla_sm{compute_capability[0]}{compute_capability[1]}.json"
+def config_file(family: str, compute_capability: tuple[int, int]) -> Path:
+    """The family's table for one GPU architecture (it may not exist)."""
+    package = Path(importlib.import_module(family).__file__).parent
+    return package / TABLES / f"fla_sm{compute_capability[0]}{compute_capability[1]}.json"
 
 
 def _kernel_id(fn) -> str:
@@ -57,14 +62,14 @@ def _pinned_autotune(table: dict[str, list[dict]]):
         triton.autotune = original
 
 
-def import_fla_with_pinned_configs(module: str = "fla.ops.rwkv7") -> str:
-    """Import ``module`` of fla (default: the RWKV-7 op), its kernels pinned when a table exists for this
-    GPU; returns how kernels were chosen."""
+def import_fla_with_pinned_configs(family: str, module: str) -> str:
+    """Import ``module`` of fla, its kernels pinned by ``family``'s table for this GPU when there is one;
+    returns how kernels were chosen. Pinning happens at fla's first import: one family's table per process."""
     import torch
 
     if "fla" in sys.modules:
         return "autotuned (fla was imported before pinning)"
-    path = config_file(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+    path = config_file(family, torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
     if path is None or not path.exists():
         importlib.import_module(module)
         return "autotuned (no pinned table for this GPU)"
@@ -72,6 +77,15 @@ def import_fla_with_pinned_configs(module: str = "fla.ops.rwkv7") -> str:
     with _pinned_autotune(table):
         importlib.import_module(module)
     return f"pinned ({path.name})"
+
+
+@functools.cache
+def fla_kernel_choice(family: str, module: str) -> str | None:
+    """``import_fla_with_pinned_configs`` once per process: how fla's kernels are chosen, or None without fla."""
+    try:
+        return import_fla_with_pinned_configs(family, module)
+    except ImportError:
+        return None
 
 
 def _is_autotuner(obj, autotuner_type: type) -> bool:
