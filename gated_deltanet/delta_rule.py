@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training_harness import fla_kernels
+from training_harness.kernel_pins import kernel_choice
 
 FUSED_PATH = "fla chunk_gated_delta_rule (Triton; gate, beta and q/k norm in the kernel)"
 REFERENCE_PATH = "PyTorch reference gated delta rule (slow)"
@@ -20,11 +20,30 @@ REFERENCE_PATH = "PyTorch reference gated delta rule (slow)"
 
 def fla_kernel_choice() -> str | None:
     """How fla's kernels are chosen ("pinned ..." or "autotuned ..."), or None without fla."""
-    return fla_kernels.fla_kernel_choice("gated_deltanet", "fla.ops.gated_delta_rule")
+    return kernel_choice("gated_deltanet")
 
 
 def fused_kernels_available() -> bool:
     return fla_kernel_choice() is not None
+
+
+def backward_refused() -> str | None:
+    """Why fla would refuse this machine's gated backward kernel at the first step, or None: on Hopper with
+    Triton 3.4-3.7.0 it computes wrong gradients (fla issue #640), and fla raises unless tilelang can take
+    over. Asked before building, so that a run stops in seconds instead of after compiling."""
+    import importlib.util
+
+    import fla.utils
+
+    broken = (getattr(fla.utils, "IS_NVIDIA_HOPPER", False) and getattr(fla.utils, "TRITON_ABOVE_3_4_0", False)
+              and not getattr(fla.utils, "TRITON_ABOVE_3_7_1", True))
+    if not broken or importlib.util.find_spec("tilelang") is not None:
+        return None
+    import triton
+
+    return (f"fla refuses Gated DeltaNet's backward kernel on Hopper with Triton {triton.__version__} (Triton "
+            "3.4-3.7.0 computes wrong gradients there: fla issue #640); install Triton >= 3.7.1 with a torch "
+            "built for it, or tilelang")
 
 
 @torch.compiler.disable  # Triton kernels behind an autograd.Function: run eagerly between compiled regions

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gated_deltanet.delta_rule import (
     FUSED_PATH,
     REFERENCE_PATH,
+    backward_refused,
     fla_kernel_choice,
     fused_kernels_available,
     gated_delta_rule_fused,
@@ -148,8 +149,13 @@ class GatedDeltaNetBackbone(nn.Module):
 
 
 def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
-    fused = device_type == "cuda" and fused_kernels_available()
-    if device_type == "cuda" and not fused and not allow_slow_kernels:
+    installed = device_type == "cuda" and fused_kernels_available()
+    refused = backward_refused() if installed else None
+    fused = installed and refused is None
+    if refused and not allow_slow_kernels:
+        raise RuntimeError(f"Gated DeltaNet: {refused}; or pass --allow_slow_kernels to run the (very slow) "
+                           "reference path")
+    if device_type == "cuda" and not installed and not allow_slow_kernels:
         raise RuntimeError(f"Gated DeltaNet on CUDA needs flash-linear-attention, which is not importable: "
                            f"{INSTALL_HINT}")
     kernel_path = f"{FUSED_PATH}, {fla_kernel_choice()}" if fused else REFERENCE_PATH
@@ -168,10 +174,8 @@ def delta_rule_flops_per_token(shape: dict, seq_len: int) -> float:
 
 def build_stock(shape: dict, vocab_size: int) -> nn.Module:
     """fla's GatedDeltaNetForCausalLM at the same shape, with its defaults (fused norms and cross-entropy), its
-    kernels pinned like the harness's (training_harness/fla_kernels.py)."""
-    from training_harness.fla_kernels import import_fla_with_pinned_configs
-
-    import_fla_with_pinned_configs("gated_deltanet", "fla.models")
+    kernels pinned like the harness's (training_harness/kernel_pins.py)."""
+    fla_kernel_choice()  # fla's first import pins its kernels, fla.models' among them
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 
     return GatedDeltaNetForCausalLM(GatedDeltaNetConfig(
@@ -187,5 +191,6 @@ def stock_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 FAMILY = ModelFamily(
     name="gated_deltanet", display_name="Gated DeltaNet", default_tokenizer="EleutherAI/pythia-410m",
     tokenizer_vocab=50_277, shapes=SHAPES, build=build, sequence_flops_per_token=delta_rule_flops_per_token,
+    pinned_kernels="fla.ops.gated_delta_rule",
     stock=StockReference("fla GatedDeltaNetForCausalLM (chunk mode)", build_stock, stock_loss),
 )

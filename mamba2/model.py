@@ -14,7 +14,14 @@ import torch
 import torch.nn as nn
 
 from mamba.model import MambaBackbone, stock_builder, stock_loss
-from mamba2.ssd import FUSED_PATH, REFERENCE_PATH, fused_kernels_available, mixer_fused, mixer_reference
+from mamba2.ssd import (
+    FUSED_PATH,
+    REFERENCE_PATH,
+    fused_kernels_available,
+    mixer_fused,
+    mixer_reference,
+    ssd_kernel_choice,
+)
 from training_harness.lm import CausalLM, tag_no_weight_decay
 from training_harness.registry import ModelFamily, StockReference
 
@@ -88,7 +95,7 @@ def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bo
     sizes = {key: shape[key] for key in ("headdim", "d_state", "chunk_size") if key in shape}  # tiny shapes
     backbone = MambaBackbone(shape["layers"], shape["d_model"], vocab_size, fused, partial(Mamba2Mixer, **sizes))
     return CausalLM(backbone, vocab_size, shape["d_model"], tie_embeddings=True,
-                    kernel_path=FUSED_PATH if fused else REFERENCE_PATH)
+                    kernel_path=f"{FUSED_PATH}, {ssd_kernel_choice()}" if fused else REFERENCE_PATH)
 
 
 def ssd_flops_per_token(shape: dict, seq_len: int) -> float:
@@ -102,9 +109,16 @@ def ssd_flops_per_token(shape: dict, seq_len: int) -> float:
     return 3.0 * shape["layers"] * forward
 
 
+def build_stock(shape: dict, vocab_size: int) -> nn.Module:
+    """mamba-ssm's MambaLMHeadModel with the Mamba2 layer, its SSD kernels pinned like the harness's."""
+    ssd_kernel_choice()  # mamba-ssm's first import pins its kernels
+    return stock_builder("Mamba2")(shape, vocab_size)
+
+
 FAMILY = ModelFamily(
     name="mamba2", display_name="Mamba-2", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=ssd_flops_per_token,
-    stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba2; fused add+RMSNorm, residual in fp32)",
-                         stock_builder("Mamba2"), stock_loss),
+    pinned_kernels="mamba_ssm.ops.triton.ssd_combined",
+    stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba2; fused add+RMSNorm, residual in fp32)", build_stock,
+                         stock_loss),
 )

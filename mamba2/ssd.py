@@ -14,23 +14,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from training_harness.kernel_pins import kernel_choice
+
 FUSED_PATH = "mamba_ssm fused (mamba_split_conv1d_scan_combined: causal_conv1d + chunked SSD Triton)"
 REFERENCE_PATH = "PyTorch reference SSD recurrence (slow)"
+
+
+def ssd_kernel_choice() -> str | None:
+    """How mamba-ssm's Triton kernels are chosen ("pinned ..." or "autotuned ..."), or None without mamba-ssm."""
+    return kernel_choice("mamba2")
 
 
 def fused_kernels_available() -> bool:
     try:
         import causal_conv1d  # noqa: F401
-        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined  # noqa: F401
     except ImportError:
         return False
-    return True
+    return ssd_kernel_choice() is not None
 
 
 @torch.compiler.disable  # Triton and CUDA kernels behind an autograd.Function: run eagerly
 def mixer_fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight, *, headdim: int,
                 ngroups: int, chunk_size: int, eps: float):
     """mamba-ssm's memory-efficient path (its Mamba2 module's default in training)."""
+    ssd_kernel_choice()  # the first import of mamba-ssm pins its kernel configurations
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
 
     return mamba_split_conv1d_scan_combined(

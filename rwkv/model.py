@@ -238,10 +238,8 @@ def wkv_flops_per_token(shape: dict, seq_len: int) -> float:
 
 def build_stock(shape: dict, vocab_size: int) -> nn.Module:
     """flash-linear-attention's RWKV7ForCausalLM with its defaults (fused norms and cross-entropy), its kernels
-    pinned like the harness's (training_harness/fla_kernels.py)."""
-    from training_harness.fla_kernels import import_fla_with_pinned_configs
-
-    import_fla_with_pinned_configs("rwkv", "fla.models")
+    pinned like the harness's (training_harness/kernel_pins.py)."""
+    fla_kernel_choice()  # fla's first import pins its kernels, fla.models' among them
     from fla.models import RWKV7Config, RWKV7ForCausalLM
 
     return RWKV7ForCausalLM(RWKV7Config(hidden_size=shape["d_model"], num_hidden_layers=shape["layers"],
@@ -259,6 +257,7 @@ FAMILY = ModelFamily(
     gpu_plan={"0.5B": {"micro_batch_size": 4}, "1.5B": {"micro_batch_size": 4, "activation_checkpointing": True},
               "3B": {"micro_batch_size": 1, "activation_checkpointing": True}},
     published_ranks={"ppl": 3, "amu_gb": 2, "al_s_per_iter": 2, "tt_tokens_per_param_s": 2, "aec_w": 2},
+    pinned_kernels="fla.ops.rwkv7",
     stock=StockReference("flash-linear-attention RWKV7ForCausalLM (fused norms and cross-entropy)", build_stock,
                          stock_loss),
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from training_harness import fla_kernels
+from training_harness.kernel_pins import kernel_choice
 
 FLA_PATH = "flash-linear-attention chunk_rwkv7 (Triton, chunked DPLR)"
 REFERENCE_PATH = "PyTorch reference WKV-7 recurrence (slow)"
@@ -24,7 +24,7 @@ LOG_DECAY_LOWER_BOUND = -0.6065306597126334
 
 def fla_kernel_choice() -> str | None:
     """How fla's kernels are chosen ("pinned ..." or "autotuned ..."), or None without fla."""
-    return fla_kernels.fla_kernel_choice("rwkv", "fla.ops.rwkv7")
+    return kernel_choice("rwkv")
 
 
 def fla_available() -> bool:

@@ -1,7 +1,10 @@
 """Every family: tiny shapes learn, counts match the docs, reference paths match recurrences and kernels."""
 
+import importlib.util
 import math
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -247,6 +250,36 @@ def test_cuda_without_fused_kernels_refuses(monkeypatch):
         rwkv_model.build(rwkv_model.SHAPES["tiny"]["0.5B"], VOCAB, "cuda", allow_slow_kernels=False)
 
 
+def fake_fla(monkeypatch, hopper: bool, triton_version: str, tilelang: bool) -> None:
+    """fla's version flags and triton's version as fla 0.6 computes them, and whether tilelang is installed."""
+    below = triton_version.split(".") < ["3", "7", "1"]
+    utils = types.SimpleNamespace(IS_NVIDIA_HOPPER=hopper, TRITON_ABOVE_3_4_0=True, TRITON_ABOVE_3_7_1=not below)
+    monkeypatch.setitem(sys.modules, "fla", types.SimpleNamespace(utils=utils))
+    monkeypatch.setitem(sys.modules, "fla.utils", utils)
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=triton_version))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if tilelang and name == "tilelang" else find_spec(name, *args))
+
+
+def test_gated_deltanet_stops_at_once_where_fla_would_refuse_its_backward(monkeypatch):
+    fake_fla(monkeypatch, hopper=True, triton_version="3.6.0", tilelang=False)
+    assert "3.6.0" in gated_deltanet_model.backward_refused() and "#640" in gated_deltanet_model.backward_refused()
+    monkeypatch.setattr(gated_deltanet_model, "fused_kernels_available", lambda: True)
+    shape = gated_deltanet_model.SHAPES["tiny"]["0.5B"]
+    with pytest.raises(RuntimeError, match="#640.*--allow_slow_kernels"):
+        gated_deltanet_model.build(shape, VOCAB, "cuda", allow_slow_kernels=False)
+    slow = gated_deltanet_model.build(shape, VOCAB, "cuda", allow_slow_kernels=True)
+    assert slow.kernel_path == gated_deltanet_model.REFERENCE_PATH
+
+
+@pytest.mark.parametrize("hopper, triton_version, tilelang", [(False, "3.6.0", False), (True, "3.7.1", False),
+                                                              (True, "3.6.0", True)])
+def test_gated_deltanet_runs_where_fla_accepts_its_backward(monkeypatch, hopper, triton_version, tilelang):
+    fake_fla(monkeypatch, hopper=hopper, triton_version=triton_version, tilelang=tilelang)
+    assert gated_deltanet_model.backward_refused() is None
+
+
 def test_flops_per_token_counts_matmuls_and_mixing():
     family = get_family("qwen")
     counted = count_on_meta(family, "0.5B", "paper", 151_665, seq_len=8192)
@@ -322,6 +355,8 @@ def test_mamba2_fused_kernels_match_reference_with_gradients():
 def test_gated_deltanet_fla_kernel_matches_reference_with_gradients():
     if not gated_deltanet_model.fused_kernels_available():
         pytest.skip("flash-linear-attention not installed")
+    if gated_deltanet_model.backward_refused():
+        pytest.skip(gated_deltanet_model.backward_refused())
     torch.manual_seed(8)  # 201: not a multiple of the chunk length
     assert_kernel_matches_reference(
         lambda fused: gated_deltanet_model.GatedDeltaNetMixer(d_model=256, heads=2, head_dim=64, fused=fused), 201)

@@ -71,6 +71,9 @@ class ModelFamily:
     published_ranks: dict[str, int] | None = None
     """The study's ranks (1 = best) by table metric, for families the study compared."""
     stock: StockReference | None = None
+    pinned_kernels: str | None = None
+    """The module of a Triton library whose autotuned kernels the family pins at import, from tables in its
+    ``kernel_configs/`` folder (training_harness/kernel_pins.py); None: nothing to pin."""
 
     def shape(self, size: str, preset: str) -> dict:
         if preset not in self.shapes:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from training_harness import fla_kernels
+from training_harness import kernel_pins
+from training_harness.registry import get_family
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,10 +47,10 @@ def fake_triton(monkeypatch):
     return triton
 
 
-def kernel(name: str):
+def kernel(name: str, module: str = "fla.ops.fake"):
     def fn():
         pass
-    fn.__module__, fn.__qualname__ = "fla.ops.fake", name
+    fn.__module__, fn.__qualname__ = module, name
     return fn
 
 
@@ -62,7 +63,7 @@ def entry(size: int) -> dict:
 
 
 def test_pinned_kernel_sees_only_its_configurations(fake_triton):
-    with fla_kernels._pinned_autotune({"fla.ops.fake.chunk_fwd": [entry(32)]}):
+    with kernel_pins._pinned_autotune({"fla.ops.fake.chunk_fwd": [entry(32)]}):
         pinned = decorated(fake_triton, "chunk_fwd")
         free = decorated(fake_triton, "token_shift")
     assert [c.kwargs for c in pinned.configs] == [{"BT": 32}]
@@ -80,17 +81,30 @@ def test_dump_records_chosen_configurations_and_extends_a_table(fake_triton, tmp
     never_ran = decorated(fake_triton, "group_norm")
     dead_proxy = weakref.proxy(Config({}))  # gc lists it; isinstance() on it raises ReferenceError
     out = tmp_path / "table.json"
-    assert fla_kernels.dump(out, extend=base) == 2
+    assert kernel_pins.dump(out, "fla", extend=base) == 2
     table = json.loads(out.read_text())
     assert table["capability"] == [9, 0]
     assert table["kernels"] == {"fla.ops.fake.chunk_fwd": [entry(32)], "fla.ops.fake.token_shift": [entry(64)]}
     assert not never_ran.cache  # alive during dump(), but nothing chosen, so nothing written
     with pytest.raises(ReferenceError):  # the hazard dump() had to survive is really there
         isinstance(dead_proxy, Config)
-    assert fla_kernels.dump(out) == 1  # without a base, only what was tuned here
+    assert kernel_pins.dump(out, "fla") == 1  # without a base, only what was tuned here
 
 
-def test_each_family_keeps_its_own_tables():
-    assert fla_kernels.config_file("rwkv", (9, 0)) == ROOT / "rwkv" / "kernel_configs" / "fla_sm90.json"
-    assert fla_kernels.config_file("rwkv", (9, 0)).exists()  # Hopper's table ships with the package
-    assert fla_kernels.config_file("gated_deltanet", (8, 0)).parent == ROOT / "gated_deltanet" / "kernel_configs"
+def test_each_family_keeps_its_own_tables_per_library():
+    rwkv = kernel_pins.config_file("rwkv", get_family("rwkv").pinned_kernels, (9, 0))
+    assert rwkv == ROOT / "rwkv" / "kernel_configs" / "fla_sm90.json"
+    assert rwkv.exists()  # Hopper's table ships with the package
+    mamba2 = kernel_pins.config_file("mamba2", get_family("mamba2").pinned_kernels, (8, 0))
+    assert mamba2 == ROOT / "mamba2" / "kernel_configs" / "mamba_ssm_sm80.json"
+    assert get_family("qwen").pinned_kernels is None  # nothing autotuned to pin
+
+
+def test_dump_keeps_only_the_library_asked_for(fake_triton, tmp_path):
+    ours = decorated(fake_triton, "chunk_fwd")
+    ours.tune(key=(8192,), index=1)
+    other = fake_triton.autotune([Config({"BT": 8})], key=["T"])(kernel("ssd_scan", module="mamba_ssm.ops.fake"))
+    other.tune(key=(8192,))
+    out = tmp_path / "table.json"
+    assert kernel_pins.dump(out, "mamba_ssm") == 1
+    assert list(json.loads(out.read_text())["kernels"]) == ["mamba_ssm.ops.fake.ssd_scan"]

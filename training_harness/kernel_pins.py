@@ -1,12 +1,13 @@
-"""Fixed Triton configurations for flash-linear-attention's kernels, so that a run starts in seconds.
+"""Fixed Triton configurations for a library's autotuned kernels (flash-linear-attention, mamba-ssm's SSD), so
+that a run starts in seconds.
 
-fla autotunes each kernel over hundreds of configurations the first time it runs on a machine
-(minutes at 8K context). ``dump()`` records the configurations that autotuning chose, and
-``import_fla_with_pinned_configs()`` imports fla with ``triton.autotune`` narrowed to those, so a
-fresh machine only compiles the chosen kernels. Kernels without a pinned entry autotune as usual.
-Each family that runs on fla keeps its own tables, one per GPU architecture (Hopper: sm90), in its
-``kernel_configs/`` folder, since the best tiles depend on its head sizes; ``scripts/tune_fla_kernels.py``
-regenerates them.
+These libraries autotune each kernel over many configurations the first time a process runs it (minutes at
+8K context for fla, about 80 s for Mamba-2's scan). ``dump()`` records the configurations that autotuning
+chose, and ``kernel_choice()`` imports the library with ``triton.autotune`` narrowed to those, so a fresh
+process only compiles the chosen kernels. Kernels without a pinned entry autotune as usual. A family names
+the module it pins (``ModelFamily.pinned_kernels``) and keeps its own tables, one per library and GPU
+architecture (``<library>_sm90.json`` for Hopper), in its ``kernel_configs/`` folder, since the best tiles
+depend on its shapes; ``scripts/tune_kernels.py`` regenerates them.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from pathlib import Path
 TABLES = "kernel_configs"  # the folder of a family's tables, inside its package
 
 
-def config_file(family: str, compute_capability: tuple[int, int]) -> Path:
-    """The family's table for one GPU architecture (it may not exist)."""
+def library_of(module: str) -> str:
+    return module.split(".")[0]
+
+
+def config_file(family: str, module: str, compute_capability: tuple[int, int]) -> Path:
+    """The family's table for ``module``'s library on one GPU architecture (it may not exist)."""
     package = Path(importlib.import_module(family).__file__).parent
-    return package / TABLES / f"fla_sm{compute_capability[0]}{compute_capability[1]}.json"
+    return package / TABLES / f"{library_of(module)}_sm{compute_capability[0]}{compute_capability[1]}.json"
 
 
 def _kernel_id(fn) -> str:
@@ -62,14 +67,16 @@ def _pinned_autotune(table: dict[str, list[dict]]):
         triton.autotune = original
 
 
-def import_fla_with_pinned_configs(family: str, module: str) -> str:
-    """Import ``module`` of fla, its kernels pinned by ``family``'s table for this GPU when there is one;
-    returns how kernels were chosen. Pinning happens at fla's first import: one family's table per process."""
+def import_with_pinned_configs(family: str, module: str) -> str:
+    """Import ``module``, its library's kernels pinned by ``family``'s table for this GPU when there is one;
+    returns how kernels were chosen. Pinning happens at the library's first import (both libraries import all
+    their kernels from their top package), so one family's table holds per process."""
     import torch
 
-    if "fla" in sys.modules:
-        return "autotuned (fla was imported before pinning)"
-    path = config_file(family, torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+    library = library_of(module)
+    if library in sys.modules:
+        return f"autotuned ({library} was imported before pinning)"
+    path = config_file(family, module, torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
     if path is None or not path.exists():
         importlib.import_module(module)
         return "autotuned (no pinned table for this GPU)"
@@ -80,10 +87,13 @@ def import_fla_with_pinned_configs(family: str, module: str) -> str:
 
 
 @functools.cache
-def fla_kernel_choice(family: str, module: str) -> str | None:
-    """``import_fla_with_pinned_configs`` once per process: how fla's kernels are chosen, or None without fla."""
+def kernel_choice(family: str) -> str | None:
+    """Import the family's ``pinned_kernels`` module once per process, pinned: how its kernels are chosen
+    ("pinned ..." or "autotuned ..."), or None where the library is not installed."""
+    from training_harness.registry import get_family
+
     try:
-        return import_fla_with_pinned_configs(family, module)
+        return import_with_pinned_configs(family, get_family(family).pinned_kernels)
     except ImportError:
         return None
 
@@ -96,8 +106,8 @@ def _is_autotuner(obj, autotuner_type: type) -> bool:
         return False
 
 
-def dump(path: Path, extend: Path | None = None) -> int:
-    """Write the configurations every fla autotuner chose in this process; returns the kernel count.
+def dump(path: Path, library: str, extend: Path | None = None) -> int:
+    """Write the configurations every autotuner of ``library`` chose in this process; returns the kernel count.
     ``extend`` names a table whose entries are kept for kernels not tuned here (a pinned kernel runs its one
     configuration without tuning, so it leaves nothing to record)."""
     import torch
@@ -110,7 +120,7 @@ def dump(path: Path, extend: Path | None = None) -> int:
         tuners = [obj for obj in gc.get_objects() if _is_autotuner(obj, Autotuner)]
     for tuner in tuners:
         kernel = _kernel_id(tuner.base_fn)
-        if not kernel.startswith("fla.") or not tuner.cache:
+        if not kernel.startswith(f"{library}.") or not tuner.cache:
             continue
         chosen = {json.dumps(c.kwargs, sort_keys=True) + f"{c.num_warps}/{c.num_stages}": c
                   for c in tuner.cache.values()}
