@@ -119,7 +119,7 @@ def test_collector_on_crafted_results(tmp_path):
     (results / "rwkv_0.5B" / "efficientllm_metrics.json").write_text('{"status": "compl')
     (configs / "qwen_1.5B.json").write_text("{}")  # configured, never ran
 
-    frame = collector.collect(results, tmp_path / "tables", configs)
+    frame = collector.collect([results], tmp_path / "tables")
     table = pd.read_csv(tmp_path / "tables" / "attention_free_results.csv").set_index(["model", "size"])
     assert table.loc[("qwen", "0.5B"), "ppl"] == 20.5 and table.loc[("qwen", "0.5B"), "status"] == "completed"
     assert table.loc[("qwen", "0.5B"), "corpus"] == "corpus.jsonl"
@@ -161,13 +161,28 @@ def test_collector_flags_what_weakens_a_comparison(tmp_path):
               passes=3.5, losses=(0.01, 0.01), val=(8.0, 9.03))
     write_run(results, "mamba_0.5B", completed("mamba", "0.5B", 1, 25.0, 12.0, 0.4, 900.0, 600.0,
                                                device_name="NVIDIA H200"), commit="beef" * 10, host="node-2")
-    lines = collector.anomalies(collector.collect(results, tmp_path / "tables", None))
+    lines = collector.anomalies(collector.collect([results], tmp_path / "tables"))
     assert "Qwen2.5 0.5B: 3.50 passes over its training text (text repeated)" in lines
     assert ("Qwen2.5 0.5B: validation loss 9.03 is 9.02 nats above the final training loss 0.01: memorisation"
             in lines)
     assert "rows come from different hardware: NVIDIA H100 80GB HBM3: Qwen2.5 0.5B; NVIDIA H200: Mamba 0.5B" in lines
     assert "rows come from different commits: c0ffeec0ffee: Qwen2.5 0.5B; beefbeefbeef: Mamba 0.5B" in lines
     assert "rows come from different hosts: node-1: Qwen2.5 0.5B; node-2: Mamba 0.5B" in lines
+
+
+def test_collector_makes_one_table_of_several_sweeps_at_chosen_sizes(tmp_path, capsys):
+    paper, beyond = tmp_path / "paper" / "results", tmp_path / "beyond" / "results"
+    write_run(paper, "qwen_0.5B", completed("qwen", "0.5B", 1, 20.5, 30.2, 0.9, 150.0, 650.0))
+    write_run(paper, "qwen_1.5B", completed("qwen", "1.5B", 1, 20.5, 30.2, 0.9, 150.0, 650.0))
+    write_run(beyond, "mamba2_0.5B", completed("mamba2", "0.5B", 1, 25.0, 12.0, 0.4, 900.0, 600.0))
+    (beyond.parent / "configs").mkdir()
+    (beyond.parent / "configs" / "gated_deltanet_0.5B.json").write_text("{}")  # configured, never ran
+    frame = collector.collect([paper, beyond], tmp_path / "tables", sizes=["0.5B"]).set_index("model")
+    assert sorted(frame.index) == ["gated_deltanet", "mamba2", "qwen"]
+    assert frame.loc["gated_deltanet", "status"] == "missing" and frame.loc["mamba2", "status"] == "completed"
+    write_run(beyond, "qwen_0.5B", completed("qwen", "0.5B", 1, 20.5, 30.2, 0.9, 150.0, 650.0))
+    assert collector.main(["--results_dir", str(paper), str(beyond), "--output_dir", str(tmp_path / "t")]) == 2
+    assert f"run qwen_0.5B is in both {paper} and {beyond}" in capsys.readouterr().err
 
 
 def test_every_figure_gives_a_family_the_same_colour_and_marker():
@@ -200,7 +215,7 @@ def test_collector_reports_an_unknown_schema_per_run_and_still_writes_the_tables
                            }.items():
         (results / name).mkdir(parents=True)
         (results / name / "efficientllm_metrics.json").write_text(json.dumps(document))
-    frame = collector.collect(results, tmp_path / "tables", None).set_index("model")
+    frame = collector.collect([results], tmp_path / "tables").set_index("model")
     assert frame.loc["qwen", "status"] == "completed"
     assert frame.loc["mamba", "status"] == "corrupt" and "schema_version 2" in frame.loc["mamba", "reason"]
     assert "schema\\_version 2" in (tmp_path / "tables" / "attention_free_table.tex").read_text()
@@ -288,5 +303,5 @@ def test_a_crashed_run_of_a_family_whose_name_holds_an_underscore_is_recorded_as
     record_crash(tmp_path / "gated_deltanet_1.5B", "gated_deltanet_1.5B", 139, "logs/gated_deltanet_1.5B.log")
     results = json.loads((tmp_path / "gated_deltanet_1.5B" / "efficientllm_metrics.json").read_text())
     assert (results["model"], results["size"], results["status"]) == ("gated_deltanet", "1.5B", "failed")
-    frame = collector.collect(tmp_path, tmp_path / "tables", None)
+    frame = collector.collect([tmp_path], tmp_path / "tables")
     assert frame.loc[0, "display_name"] == "Gated DeltaNet" and frame.loc[0, "size"] == "1.5B"

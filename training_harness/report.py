@@ -129,15 +129,23 @@ def learning_curve(folder: Path, tokens_per_step: int) -> pd.DataFrame:
     return curve.assign(tokens=curve["step"] * tokens_per_step)
 
 
-def discover(results_dir: Path, configs_dir: Path | None) -> list[tuple[Path, str, str]]:
-    """(folder, model, size) of every run: the configs' runs (so missing ones show) plus any result folders."""
-    names = {p.name for p in results_dir.iterdir() if p.is_dir()} if results_dir.exists() else set()
-    if configs_dir is not None and configs_dir.exists():
-        names |= {p.stem for p in configs_dir.glob("*.json")}
+def discover(results_dirs: list[Path], sizes: list[str] | None = None) -> list[tuple[Path, str, str]]:
+    """(folder, model, size) of every run of every results folder, at ``sizes`` (None: all): the runs of the
+    configs beside it (``../configs``, so missing ones show) plus any result folders. A run in two folders is
+    an error: the table would hold one of them silently."""
+    folders: dict[str, Path] = {}
+    for results_dir in results_dirs:
+        names = {p.name for p in results_dir.iterdir() if p.is_dir()} if results_dir.exists() else set()
+        names |= {p.stem for p in (results_dir.parent / "configs").glob("*.json")}
+        for name in names:
+            if name in folders:
+                raise ValueError(f"run {name} is in both {folders[name].parent} and {results_dir}")
+            folders[name] = results_dir / name
     runs = []
-    for name in names:
+    for name, folder in folders.items():
         model, _, size = name.rpartition("_")  # family names may hold "_"
-        runs.append((results_dir / name, model, size))
+        if sizes is None or size in sizes:
+            runs.append((folder, model, size))
     order = {m: i for i, m in enumerate(family_names())}
     return sorted(runs, key=lambda r: (SIZES.index(r[2]) if r[2] in SIZES else 99, order.get(r[1], 99), r[1]))
 
@@ -373,8 +381,8 @@ def report(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def collect(results_dir: Path, output_dir: Path, configs_dir: Path | None) -> pd.DataFrame:
-    runs = discover(results_dir, configs_dir)
+def collect(results_dirs: list[Path], output_dir: Path, sizes: list[str] | None = None) -> pd.DataFrame:
+    runs = discover(results_dirs, sizes)
     frame = pd.DataFrame([load_run(*run) for run in runs], columns=[*CSV_COLUMNS, "null_reasons", "sampler_errors"])
     frame["null_reasons"] = frame["null_reasons"].apply(lambda v: v if isinstance(v, dict) else {})
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -391,18 +399,22 @@ def collect(results_dir: Path, output_dir: Path, configs_dir: Path | None) -> pd
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=program_name("training_harness.report"), description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--results_dir", type=Path, default=Path("experiments/attention_free_benchmark/results"),
-                        help="one folder per run")
+    parser.add_argument("--results_dir", type=Path, nargs="+",
+                        default=[Path("experiments/attention_free_benchmark/results")],
+                        help="one folder per run; several folders make one table (the configs beside each, in "
+                             "../configs, name the runs that never wrote results)")
     parser.add_argument("--output_dir", type=Path, default=Path("experiments/attention_free_benchmark/tables"),
                         help="where the table, CSV, report and figures go")
-    parser.add_argument("--configs_dir", type=Path, default=None,
-                        help="the sweep's configs, so runs that never wrote results show as missing "
-                             "(default: configs/ beside the results folder)")
+    parser.add_argument("--sizes", default=None, help="comma-separated nominal sizes to keep (default: all)")
     args = parser.parse_args(argv)
-    configs_dir = args.configs_dir or args.results_dir.parent / "configs"
-    frame = collect(args.results_dir, args.output_dir, configs_dir)
+    try:
+        frame = collect(args.results_dir, args.output_dir, args.sizes.split(",") if args.sizes else None)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if frame.empty:
-        print(f"error: no runs in {args.results_dir} (and no configs in {configs_dir})", file=sys.stderr)
+        folders = ", ".join(str(d) for d in args.results_dir)
+        print(f"error: no runs in {folders} (and no configs beside them)", file=sys.stderr)
         return 2
     print(f"{len(frame)} runs ({(frame['status'] == 'completed').sum()} completed) -> {args.output_dir}")
     return 0
