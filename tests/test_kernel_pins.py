@@ -108,3 +108,11 @@ def test_dump_keeps_only_the_library_asked_for(fake_triton, tmp_path):
     out = tmp_path / "table.json"
     assert kernel_pins.dump(out, "mamba_ssm") == 1
     assert list(json.loads(out.read_text())["kernels"]) == ["mamba_ssm.ops.fake.ssd_scan"]
+
+
+def test_a_library_imported_before_pinning_is_left_as_it_was(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    assert kernel_pins.import_with_pinned_configs("rwkv", "fla.ops.rwkv7") == \
+        "autotuned (fla was imported before pinning)"
+    with pytest.raises(ValueError, match="names no pinned_kernels"):
+        kernel_pins.kernel_choice("qwen")

@@ -92,8 +92,11 @@ def kernel_choice(family: str) -> str | None:
     ("pinned ..." or "autotuned ..."), or None where the library is not installed."""
     from training_harness.registry import get_family
 
+    module = get_family(family).pinned_kernels
+    if module is None:
+        raise ValueError(f"family {family!r} names no pinned_kernels module")
     try:
-        return import_with_pinned_configs(family, get_family(family).pinned_kernels)
+        return import_with_pinned_configs(family, module)
     except ImportError:
         return None
 
