@@ -2,7 +2,7 @@
 that a run starts in seconds.
 
 These libraries autotune each kernel over many configurations the first time a process runs it (minutes at
-8K context for fla, about 80 s for Mamba-2's scan). ``dump()`` records the configurations that autotuning
+8K context for fla; Mamba-2's first step took 85-101 s). ``dump()`` records the configurations that autotuning
 chose, and ``kernel_choice()`` imports the library with ``triton.autotune`` narrowed to those, so a fresh
 process only compiles the chosen kernels. Kernels without a pinned entry autotune as usual. A family names
 the module it pins (``ModelFamily.pinned_kernels``) and keeps its own tables, one per library and GPU
