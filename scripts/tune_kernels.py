@@ -66,6 +66,8 @@ def main() -> int:
     parser.add_argument("--stock_model", action="store_true",
                         help="tune the library's own model of the family and add its kernels to the table")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("tuning runs the kernels: it needs a CUDA GPU")
     module = get_family(args.family).pinned_kernels
     pinned = config_file(args.family, module, torch.cuda.get_device_capability())
     path = args.output or pinned

@@ -165,6 +165,8 @@ def plot(frame: pd.DataFrame, output_dir: Path) -> list[Path]:
     """One figure per quantity against context on a log-2 axis, one line per family in its usual style."""
     done = frame[frame["status"] == "completed"]
     styles = family_styles(list(frame["model"]))
+    contexts = sorted(done["context"].unique())
+    ticks = [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts]
     written = []
     for quantity in (q for q in PLOTTED if q.key in done):
         figure = Figure(figsize=(6, 3.6))
@@ -176,8 +178,7 @@ def plot(frame: pd.DataFrame, output_dir: Path) -> list[Path]:
             axis.plot(group["context"], group[quantity.key] * quantity.scale, color=styles[model].color,
                       marker=styles[model].marker, label=group["display_name"].iloc[0])
         axis.set_xscale("log", base=2)
-        contexts = sorted(done["context"].unique())
-        axis.set_xticks(contexts, [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts])
+        axis.set_xticks(contexts, ticks)
         axis.minorticks_off()
         axis.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
         axis.set(xlabel="context (tokens per sequence)", ylabel=quantity.label)
