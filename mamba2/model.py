@@ -119,7 +119,7 @@ FAMILY = ModelFamily(
     name="mamba2", display_name="Mamba-2", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=ssd_flops_per_token,
     # 0.5B: 31.7 GB on an H200 (docs/results.md); other sizes not measured yet: the whole batch, halved on OOM
-    gpu_plan={"0.5B": {"micro_batch_size": 8}},
+    gpu_plan={"0.5B": {"micro_batch_size": 8}, "1.5B": {"micro_batch_size": 4}, "3B": {"micro_batch_size": 1}},
     pinned_kernels="mamba_ssm.ops.triton.ssd_combined",
     stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba2; fused add+RMSNorm, residual in fp32)", build_stock,
                          stock_loss),

@@ -36,7 +36,7 @@ from training_harness.tokenization import tokenizer_name
 ROOT = Path(__file__).resolve().parents[1]
 
 COLUMNS = ("round", "family", "size", "variant", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter",
-           "peak_alloc_gb", "first_step_s", "process_s", "stock_tokens_per_s", "speedup_vs_stock",
+           "peak_alloc_gb", "peak_device_gb", "first_step_s", "process_s", "stock_tokens_per_s", "speedup_vs_stock",
            "stock_mb1_tokens_per_s")
 
 
@@ -67,6 +67,7 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
                params_m=round(metrics["params"] / 1e6, 1),
                tokens_per_s=metrics.get("tokens_per_s"), mfu=metrics.get("mfu"),
                s_per_iter=metrics.get("al_s_per_iter"), peak_alloc_gb=metrics.get("allocator_peak_allocated_gb"),
+               peak_device_gb=metrics.get("peak_memory_gb"),
                first_step_s=first, kernel_path=metrics.get("kernel_path"), device=metrics.get("device_name"),
                error=metrics.get("error"))
     return row

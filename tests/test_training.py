@@ -13,8 +13,9 @@ import torch
 
 from training_harness import trainer as trainer_module
 from training_harness.cli import main
-from training_harness.config import parse_config
+from training_harness.config import TrainConfig, parse_config
 from training_harness.errors import EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM, ConfigError
+from training_harness.trainer import checkpointed_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--seq_len", "32", "--batch_size", "2", "--micro_batch_size", "1", "--device", "cpu",
@@ -191,6 +192,20 @@ def test_activation_checkpointing_leaves_the_loss_curve_unchanged(data_dir, tmp_
     assert run_in_process(data_dir, tmp_path / "plain", "--max_steps", "3") == 0
     assert run_in_process(data_dir, tmp_path / "ckpt", "--max_steps", "3", "--activation_checkpointing") == 0
     assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+    assert run_in_process(data_dir, tmp_path / "part", "--max_steps", "3", "--activation_checkpointing",
+                          "--checkpoint_blocks", "1") == 0
+    assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+
+
+def test_checkpoint_blocks_picks_the_first_blocks_and_refuses_too_many():
+    blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(4))
+    config = TrainConfig(activation_checkpointing=True, checkpoint_blocks=3)
+    assert checkpointed_blocks(blocks, config) == set(blocks[:3])
+    assert checkpointed_blocks(blocks, TrainConfig(activation_checkpointing=True)) == set(blocks)
+    with pytest.raises(ConfigError, match="exceeds the model's 4 blocks"):
+        checkpointed_blocks(blocks, TrainConfig(activation_checkpointing=True, checkpoint_blocks=5))
+    with pytest.raises(ConfigError, match="needs --activation_checkpointing"):
+        TrainConfig(checkpoint_blocks=2)
 
 
 def test_compiled_blocks_and_loss_follow_the_eager_loss_curve(data_dir, tmp_path):

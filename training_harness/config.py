@@ -52,6 +52,9 @@ class TrainConfig:
     precision: str = field(default="bf16-mixed", metadata={
         "help": "bf16-mixed (bf16 autocast, fp32 weights), bf16 (pure) or fp32"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
+    checkpoint_blocks: int | None = field(default=None, metadata={
+        "help": "with --activation_checkpointing, recompute only the first N blocks (default: all); the memory "
+                "of the others' activations buys back their share of the recomputation"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each block and the loss"})
     attention: str = field(default="auto", metadata={
         "help": f"SDPA kernel for the transformers on CUDA: {', '.join(ATTENTION_KERNELS)} (auto: PyTorch's choice)"})
@@ -88,6 +91,8 @@ class TrainConfig:
             (self.sample_interval_s > 0, "sample_interval_s must be positive"),
             (self.batch_size is None or self.batch_size > 0, "batch_size must be positive"),
             (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be positive"),
+            (self.checkpoint_blocks is None or (self.activation_checkpointing and self.checkpoint_blocks > 0),
+             "checkpoint_blocks must be positive and needs --activation_checkpointing"),
             (self.eval_windows >= 0, f"eval_windows must be 0 (all) or positive, got {self.eval_windows}"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (re.fullmatch(r"|cpu|cuda(:\d+)?", self.device) is not None,

@@ -91,6 +91,15 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
+def checkpointed_blocks(blocks: torch.nn.ModuleList, config: TrainConfig) -> set[torch.nn.Module]:
+    """The blocks whose activations are recomputed in backward: the first ``checkpoint_blocks`` (all by
+    default), as Megatron-LM's block method chooses them."""
+    count = len(blocks) if config.checkpoint_blocks is None else config.checkpoint_blocks
+    if count > len(blocks):
+        raise ConfigError(f"--checkpoint_blocks {count} exceeds the model's {len(blocks)} blocks")
+    return set(blocks[:count])
+
+
 def compute_context(config: TrainConfig, device: torch.device) -> contextlib.ExitStack:
     """bf16 autocast for bf16-mixed, and the chosen attention kernel."""
     stack = contextlib.ExitStack()
@@ -185,8 +194,7 @@ class Trainer:
         if config.activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-            blocks = set(model.blocks)
-            apply_activation_checkpointing(model, check_fn=lambda module: module in blocks)
+            apply_activation_checkpointing(model, check_fn=checkpointed_blocks(model.blocks, config).__contains__)
         self.model = distributed.wrap(model, context, config.fsdp)
         self.optimizer = build_optimizer(self.model, config, context.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
