@@ -71,6 +71,24 @@ def test_pinned_kernel_sees_only_its_configurations(fake_triton):
     assert [c.kwargs["BT"] for c in decorated(fake_triton, "chunk_fwd").configs] == [16, 32, 64]  # restored
 
 
+def test_pinning_keeps_the_library_configuration_with_its_pre_hook(fake_triton):
+    """mamba-ssm zeroes atomically accumulated gradients in a configuration's pre-hook; a rebuilt
+    configuration without it gave NaN losses."""
+    configs = [Config({"BT": size}) for size in (16, 32)]
+    for config in configs:
+        config.pre_hook = f"zero before BT={config.kwargs['BT']}"
+    with kernel_pins._pinned_autotune({"fla.ops.fake.chunk_bwd": [entry(32)]}):
+        pinned = fake_triton.autotune(configs, key=["T"])(kernel("chunk_bwd"))
+    assert pinned.configs == [configs[1]] and pinned.configs[0].pre_hook == "zero before BT=32"
+
+
+def test_a_table_matching_no_configuration_warns_and_autotunes(fake_triton):
+    with kernel_pins._pinned_autotune({"fla.ops.fake.chunk_fwd": [entry(128)]}):
+        with pytest.warns(UserWarning, match="names none of its configurations"):
+            tuned = decorated(fake_triton, "chunk_fwd")
+    assert [c.kwargs["BT"] for c in tuned.configs] == [16, 32, 64]
+
+
 def test_dump_records_chosen_configurations_and_extends_a_table(fake_triton, tmp_path):
     base = tmp_path / "base.json"
     base.write_text(json.dumps({"kernels": {"fla.ops.fake.chunk_fwd": [entry(32)],

@@ -40,6 +40,18 @@ def _kernel_id(fn) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
 
+def _pinned_configs(kernel: str, configs: list, pinned: list[dict]) -> list:
+    """The library's own configurations that the table names, so that their pre-hooks stay (mamba-ssm's zero
+    the gradients its kernels accumulate atomically; rebuilt without them, those came out NaN). All of them,
+    with a warning, where the table names none (written for another version of the library)."""
+    wanted = [(entry["kwargs"], entry["num_warps"], entry["num_stages"]) for entry in pinned]
+    kept = [c for c in configs if (c.kwargs, c.num_warps, c.num_stages) in wanted]
+    if not kept:
+        warnings.warn(f"{kernel}: the pinned table names none of its configurations (another library version?); "
+                      "it autotunes. Regenerate the table with scripts/tune_kernels.py", stacklevel=2)
+    return kept or configs
+
+
 @contextlib.contextmanager
 def _pinned_autotune(table: dict[str, list[dict]]):
     """While active, ``@triton.autotune`` on a pinned kernel sees only its pinned configurations."""
@@ -49,13 +61,8 @@ def _pinned_autotune(table: dict[str, list[dict]]):
 
     def autotune(configs, key, **kwargs):
         def decorate(fn):
-            pinned = table.get(_kernel_id(fn))
-            if pinned:
-                configs_used = [triton.Config(c["kwargs"], num_warps=c["num_warps"], num_stages=c["num_stages"],
-                                              num_ctas=c.get("num_ctas", 1), maxnreg=c.get("maxnreg"))
-                                for c in pinned]
-            else:
-                configs_used = configs
+            kernel = _kernel_id(fn)
+            configs_used = _pinned_configs(kernel, configs, table[kernel]) if table.get(kernel) else configs
             return original(configs_used, key, **kwargs)(fn)
 
         return decorate
