@@ -23,6 +23,10 @@ def test_the_plan_keeps_the_8k_tokens_per_micro_batch_and_recomputes_where_one_s
     assert [(context_plan("mamba", "0.5B", c, 65_536)["micro_batch_size"],
              context_plan("mamba", "0.5B", c, 65_536)["activation_checkpointing"]) for c in (2048, 32768)] \
         == [(32, False), (2, False)]
+    # RWKV-7 3B recomputes 34 of its 40 blocks at 8K, and every block where one sequence outgrows 8K tokens.
+    assert context_plan("rwkv", "3B", 8192, 16_384)["checkpoint_blocks"] == 34
+    at_32k = context_plan("rwkv", "3B", 32768, 32_768)
+    assert at_32k["activation_checkpointing"] and "checkpoint_blocks" not in at_32k
 
 
 def test_a_crossover_is_the_shortest_length_from_which_the_recurrence_stays_ahead():

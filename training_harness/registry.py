@@ -67,7 +67,7 @@ class ModelFamily:
     """Per preset, the embedding rows of the original model when larger than the padded vocabulary."""
     gpu_plan: dict[str, dict] = field(default_factory=dict)
     """Per nominal size, the training settings that fit one 80 GB GPU at 8K context with the real shapes
-    (micro_batch_size, activation_checkpointing, attention), measured (docs/performance.md)."""
+    (micro_batch_size, activation_checkpointing, checkpoint_blocks, attention), measured (docs/performance.md)."""
     published_ranks: dict[str, int] | None = None
     """The study's ranks (1 = best) by table metric, for families the study compared."""
     stock: StockReference | None = None
