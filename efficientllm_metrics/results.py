@@ -56,6 +56,8 @@ class RunHeader:
     micro_batch_size: int | None = None
     accumulation_steps: int | None = None
     activation_checkpointing: bool | None = None
+    checkpoint_blocks: int | None = None
+    """Blocks recomputed when only the first few are (None: every block, or none without checkpointing)."""
     compile: bool | None = None
     attention: str | None = None
     details: dict = field(default_factory=dict)

@@ -195,6 +195,7 @@ def test_activation_checkpointing_leaves_the_loss_curve_unchanged(data_dir, tmp_
     assert run_in_process(data_dir, tmp_path / "part", "--max_steps", "3", "--activation_checkpointing",
                           "--checkpoint_blocks", "1") == 0
     assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+    assert read_results(tmp_path / "part")["checkpoint_blocks"] == 1
 
 
 def test_checkpoint_blocks_picks_the_first_blocks_and_refuses_too_many():

@@ -53,7 +53,8 @@ RANKED = ["bpb", "amu_gb", "al_s_per_iter", "tt_tokens_per_param_s", "aec_w"]
 PUBLISHED_KEY = {"bpb": "ppl"}
 CSV_COLUMNS = ["model", "display_name", "size", "preset", "status", "reason", "params", "context", "steps",
                "global_batch", "world_size", "device_name", "kernel_path", "micro_batch_size", "accumulation_steps",
-               "activation_checkpointing", "compile", "attention", "ppl", "bpb", "amu_gb", "peak_memory_gb",
+               "activation_checkpointing", "checkpoint_blocks", "compile", "attention", "ppl", "bpb", "amu_gb",
+               "peak_memory_gb",
                "allocator_peak_allocated_gb", "al_s_per_iter", "al_p90_s", "tt_tokens_per_param_s", "tokens_per_s",
                "aec_w", "energy_j", "energy_j_per_token", "mfu", "tokens", "window_s", "measured_iterations",
                "warmup_iterations", "energy_integral_over_counter", "corpus", "tokenizer", "training_tokens",

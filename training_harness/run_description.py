@@ -60,7 +60,8 @@ class RunDescription:
             size=self.size, preset=self.preset, context=self.context, steps=steps, global_batch=self.global_batch,
             kernel_path=self.kernel_path, device_name=self.device_name, world_size=self.world_size,
             micro_batch_size=self.micro_batch_size, accumulation_steps=self.accumulation_steps,
-            activation_checkpointing=self.config["activation_checkpointing"], compile=self.config["compile"],
+            activation_checkpointing=self.config["activation_checkpointing"],
+            checkpoint_blocks=self.config.get("checkpoint_blocks"), compile=self.config["compile"],
             attention=self.config["attention"])
 
 
