@@ -50,8 +50,13 @@ def mlp_width(d_model: int) -> int:
 
 
 def short_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """Causal depthwise convolution then SiLU, on (B, T, C)."""
-    return F.silu(conv(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2))
+    """Causal depthwise convolution then SiLU, on (B, T, C), as the sum of the kernel's taps over shifted copies
+    of x: inside a compiled region it fuses into one pass with the SiLU, where ``conv`` itself would call
+    cuDNN's depthwise kernels on transposed copies (its weights, (C, 1, taps), are the parameters used)."""
+    taps, length = conv.weight.shape[-1], x.shape[1]
+    padded = F.pad(x, (0, 0, taps - 1, 0))  # (B, taps - 1 + T, C): zeros before the first token
+    weight = conv.weight.squeeze(1).to(x.dtype)  # (C, taps), in the autocast dtype as nn.Conv1d would run
+    return F.silu(sum(padded[:, tap:tap + length] * weight[:, tap] for tap in range(taps)))
 
 
 class GatedDeltaNetMixer(nn.Module):

@@ -262,6 +262,21 @@ def fake_fla(monkeypatch, hopper: bool, triton_version: str, tilelang: bool) -> 
                         lambda name, *args: object() if tilelang and name == "tilelang" else find_spec(name, *args))
 
 
+def test_gated_deltanet_short_convolution_is_the_causal_depthwise_conv1d():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3, bias=False)
+    x = torch.randn(2, 11, 6, requires_grad=True)
+    out = gated_deltanet_model.short_conv(x, conv)
+    expected = F.silu(conv(x.transpose(1, 2))[..., :11].transpose(1, 2))  # causal: the first T outputs
+    assert torch.allclose(out, expected, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), (x, conv.weight))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, conv.weight))
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, expected_grads))
+    x2 = x.detach().clone()
+    x2[:, 5:] += 1.0  # a later token never reaches an earlier output
+    assert torch.equal(gated_deltanet_model.short_conv(x2, conv)[:, :5], out[:, :5])
+
+
 def test_gated_deltanet_stops_at_once_where_fla_would_refuse_its_backward(monkeypatch):
     fake_fla(monkeypatch, hopper=True, triton_version="3.6.0", tilelang=False)
     assert "3.6.0" in gated_deltanet_model.backward_refused() and "#640" in gated_deltanet_model.backward_refused()
