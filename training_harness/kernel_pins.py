@@ -41,9 +41,9 @@ def _kernel_id(fn) -> str:
 
 
 def _pinned_configs(kernel: str, configs: list, pinned: list[dict]) -> list:
-    """The library's own configurations that the table names, so that their pre-hooks stay (mamba-ssm's zero
-    the gradients its kernels accumulate atomically; rebuilt without them, those came out NaN). All of them,
-    with a warning, where the table names none (written for another version of the library)."""
+    """The library's own configurations that the table names, pre-hooks included: mamba-ssm's zero the
+    gradients its kernels accumulate atomically, and configurations rebuilt without them gave NaN losses. All
+    of them, with a warning, where the table names none (written for another version of the library)."""
     wanted = [(entry["kwargs"], entry["num_warps"], entry["num_stages"]) for entry in pinned]
     kept = [c for c in configs if (c.kwargs, c.num_warps, c.num_stages) in wanted]
     if not kept:
