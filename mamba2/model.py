@@ -118,7 +118,7 @@ def build_stock(shape: dict, vocab_size: int) -> nn.Module:
 FAMILY = ModelFamily(
     name="mamba2", display_name="Mamba-2", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=ssd_flops_per_token,
-    # 0.5B: 31.7 GB on an H200 (docs/results.md); other sizes not measured yet: the whole batch, halved on OOM
+    # device peaks 29.2, 60.3 and 81.7 GB on an H200 (docs/performance.md)
     gpu_plan={"0.5B": {"micro_batch_size": 8}, "1.5B": {"micro_batch_size": 4}, "3B": {"micro_batch_size": 1}},
     pinned_kernels="mamba_ssm.ops.triton.ssd_combined",
     stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba2; fused add+RMSNorm, residual in fp32)", build_stock,

@@ -49,11 +49,12 @@ def context_plan(model: str, size: str, context: int, tokens_per_step: int) -> d
     tokens_per_micro = plan.get("micro_batch_size", 1) * PLAN_CONTEXT
     batch = tokens_per_step // context
     micro = max(1, min(batch, tokens_per_micro // context))
+    settings = {**plan, "batch_size": batch, "micro_batch_size": micro,
+                "activation_checkpointing": plan.get("activation_checkpointing", False)}
     if context > tokens_per_micro:  # more activations than the plan's: recompute every block
-        plan = {key: value for key, value in plan.items() if key != "checkpoint_blocks"}
-        plan["activation_checkpointing"] = True
-    return {**plan, "batch_size": batch, "micro_batch_size": micro,
-            "activation_checkpointing": plan.get("activation_checkpointing", False)}
+        settings.pop("checkpoint_blocks", None)
+        settings["activation_checkpointing"] = True
+    return settings
 
 
 def run_name(model: str, context: int) -> str:
