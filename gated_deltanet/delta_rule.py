@@ -48,13 +48,14 @@ def backward_refused() -> str | None:
 
 @torch.compiler.disable  # Triton kernels behind an autograd.Function: run eagerly between compiled regions
 def gated_delta_rule_fused(q, k, v, a, b, A_log, dt_bias):
-    """fla's chunked kernel with the layer's in-kernel options (GatedDeltaNet's training path)."""
+    """fla's chunked kernel with the layer's in-kernel options (GatedDeltaNet's training path), the chunk
+    states stored value-major as the layer stores them."""
     fla_kernel_choice()  # the first import of fla pins its kernel configurations
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     out, _ = chunk_gated_delta_rule(q, k, v, g=a, beta=b, use_qk_l2norm_in_kernel=True,
                                     use_beta_sigmoid_in_kernel=True, use_gate_in_kernel=True, A_log=A_log,
-                                    dt_bias=dt_bias)
+                                    dt_bias=dt_bias, state_v_first=True)
     return out
 
 
