@@ -24,7 +24,7 @@ class Config:
 class Autotuner:
     """What dump() reads of triton's autotuner: the wrapped function and the configuration chosen per key."""
 
-    def __init__(self, fn, configs):
+    def __init__(self, fn, arg_names, configs, key, **kwargs):
         self.base_fn, self.configs, self.cache = fn, configs, {}
 
     def tune(self, key, index: int = 0):
@@ -36,7 +36,7 @@ def fake_triton(monkeypatch):
     triton = types.ModuleType("triton")
     triton.__version__ = "fake"
     triton.Config = Config
-    triton.autotune = lambda configs, key, **kwargs: (lambda fn: Autotuner(fn, configs))
+    triton.autotune = lambda configs, key, **kwargs: (lambda fn: Autotuner(fn, [], configs, key, **kwargs))
     autotuner = types.ModuleType("triton.runtime.autotuner")
     autotuner.Autotuner = Autotuner
     monkeypatch.setitem(sys.modules, "triton", triton)
@@ -69,6 +69,19 @@ def test_pinned_kernel_sees_only_its_configurations(fake_triton):
     assert [c.kwargs for c in pinned.configs] == [{"BT": 32}]
     assert [c.kwargs for c in free.configs] == [{"BT": 16}, {"BT": 32}, {"BT": 64}]
     assert [c.kwargs["BT"] for c in decorated(fake_triton, "chunk_fwd").configs] == [16, 32, 64]  # restored
+
+
+def test_a_library_autotuner_subclass_is_pinned_too(fake_triton):
+    """fla makes most of its autotuners with its own decorator, an Autotuner subclass that never calls
+    triton.autotune; those kernels must be pinned as well."""
+    class LibraryAutotuner(Autotuner):
+        def __init__(self, fn, arg_names, configs, key, **kwargs):
+            super().__init__(fn, arg_names, configs, key, **kwargs)
+
+    library_autotune = lambda configs, key: (lambda fn: LibraryAutotuner(fn, [], configs, key))  # noqa: E731
+    with kernel_pins._pinned_autotune({"fla.ops.fake.l2norm_fwd": [entry(64)]}):
+        pinned = library_autotune([Config({"BT": size}) for size in (16, 32, 64)], ["D"])(kernel("l2norm_fwd"))
+    assert [c.kwargs for c in pinned.configs] == [{"BT": 64}]
 
 
 def test_pinning_keeps_the_library_configuration_with_its_pre_hook(fake_triton):

@@ -3,7 +3,7 @@ that a run starts in seconds.
 
 These libraries autotune each kernel over many configurations the first time a process runs it (minutes at
 8K context for fla; Mamba-2's first step took 85-101 s). ``dump()`` records the configurations that autotuning
-chose, and ``kernel_choice()`` imports the library with ``triton.autotune`` narrowed to those, so a fresh
+chose, and ``kernel_choice()`` imports the library with its autotuners narrowed to those, so a fresh
 process only compiles the chosen kernels. Kernels without a pinned entry autotune as usual. A family names
 the module it pins (``ModelFamily.pinned_kernels``) and keeps its own tables, one per library and GPU
 architecture (``<library>_sm90.json`` for Hopper), in its ``kernel_configs/`` folder, since the best tiles
@@ -54,24 +54,26 @@ def _pinned_configs(kernel: str, configs: list, pinned: list[dict]) -> list:
 
 @contextlib.contextmanager
 def _pinned_autotune(table: dict[str, list[dict]]):
-    """While active, ``@triton.autotune`` on a pinned kernel sees only its pinned configurations."""
-    import triton
+    """While active, every Triton autotuner made for a pinned kernel sees only its pinned configurations.
+    Patched at triton's ``Autotuner`` itself, not at ``@triton.autotune``: fla builds most of its autotuners
+    with its own decorator (``fla_cache_autotune``, a subclass), which the decorator patch missed, so those
+    kernels autotuned again in every process."""
+    from triton.runtime.autotuner import Autotuner
 
-    original = triton.autotune
+    original = Autotuner.__init__
 
-    def autotune(configs, key, **kwargs):
-        def decorate(fn):
-            kernel = _kernel_id(fn)
-            configs_used = _pinned_configs(kernel, configs, table[kernel]) if table.get(kernel) else configs
-            return original(configs_used, key, **kwargs)(fn)
+    @functools.wraps(original)
+    def init(self, fn, arg_names, configs, *args, **kwargs):
+        kernel = _kernel_id(fn)
+        if table.get(kernel):
+            configs = _pinned_configs(kernel, configs, table[kernel])
+        original(self, fn, arg_names, configs, *args, **kwargs)
 
-        return decorate
-
-    triton.autotune = autotune
+    Autotuner.__init__ = init
     try:
         yield
     finally:
-        triton.autotune = original
+        Autotuner.__init__ = original
 
 
 def import_with_pinned_configs(family: str, module: str) -> str:
