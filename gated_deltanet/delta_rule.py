@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from training_harness.kernel_pins import kernel_choice
 
-FUSED_PATH = "fla chunk_gated_delta_rule (Triton; gate, beta and q/k norm in the kernel)"
+FUSED_PATH = "fla chunk_gated_delta_rule (Triton; gate, beta and q/k norm in the kernel) and causal_conv1d"
 REFERENCE_PATH = "PyTorch reference gated delta rule (slow)"
 
 

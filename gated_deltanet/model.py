@@ -1,5 +1,6 @@
 """Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024): gated-delta-rule token mixing and a SwiGLU MLP in pre-norm
-residual blocks, on flash-linear-attention's chunked kernel on CUDA and plain PyTorch on CPU.
+residual blocks, on flash-linear-attention's chunked kernel and causal convolution on CUDA and plain PyTorch on
+CPU.
 
 The layer follows ``fla.layers.GatedDeltaNet`` with its defaults (q/k/v short convolutions with SiLU, gate
 and update rate from per-head projections, A_log and dt_bias as in Mamba-2, an output gate through a gated
@@ -24,6 +25,7 @@ from gated_deltanet.delta_rule import (
     gated_delta_rule_fused,
     gated_delta_rule_reference,
 )
+from gated_deltanet.short_conv import short_conv_fla, short_conv_reference
 from training_harness.lm import CausalLM, tag_no_weight_decay
 from training_harness.registry import ModelFamily, StockReference
 
@@ -47,16 +49,6 @@ INSTALL_HINT = ("pip install flash-linear-attention (see README, GPU install), o
 def mlp_width(d_model: int) -> int:
     """fla's GatedMLP width: 2/3 of 4x the model width, rounded up to a multiple of 256."""
     return 256 * math.ceil(int(d_model * MLP_RATIO * 2 / 3) / 256)
-
-
-def short_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """Causal depthwise convolution then SiLU, on (B, T, C), as the sum of the kernel's taps over shifted copies
-    of x: inside a compiled region it fuses into one pass with the SiLU, where ``conv`` itself would call
-    cuDNN's depthwise kernels on transposed copies (its weights, (C, 1, taps), are the parameters used)."""
-    taps, length = conv.weight.shape[-1], x.shape[1]
-    padded = F.pad(x, (0, 0, taps - 1, 0))  # (B, taps - 1 + T, C): zeros before the first token
-    weight = conv.weight.squeeze(1).to(x.dtype)  # (C, taps), in the autocast dtype as nn.Conv1d would run
-    return F.silu(sum(padded[:, tap:tap + length] * weight[:, tap] for tap in range(taps)))
 
 
 class GatedDeltaNetMixer(nn.Module):
@@ -83,12 +75,17 @@ class GatedDeltaNetMixer(nn.Module):
         self.o_proj = nn.Linear(value_dim, d_model, bias=False)
         tag_no_weight_decay(self.A_log, self.dt_bias)
 
+    def short_conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+        """Causal depthwise convolution then SiLU, on (B, T, C), with ``conv``'s weights (C, 1, taps)."""
+        weight = conv.weight.squeeze(1)
+        return short_conv_fla(x, weight.to(x.dtype)) if self.fused else short_conv_reference(x, weight)
+
     def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, T, D) -> the kernel's inputs q, k, v, a, b and the output gate."""
         heads = lambda t: t.unflatten(-1, (self.heads, -1))  # noqa: E731
-        q = heads(short_conv(self.q_proj(x), self.q_conv))
-        k = heads(short_conv(self.k_proj(x), self.k_conv))
-        v = heads(short_conv(self.v_proj(x), self.v_conv))
+        q = heads(self.short_conv(self.q_proj(x), self.q_conv))
+        k = heads(self.short_conv(self.k_proj(x), self.k_conv))
+        v = heads(self.short_conv(self.v_proj(x), self.v_conv))
         return q, k, v, self.a_proj(x), self.b_proj(x), heads(self.g_proj(x))
 
     def delta_rule(self, q, k, v, a, b) -> torch.Tensor:

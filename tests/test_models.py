@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import gated_deltanet.model as gated_deltanet_model
+import gated_deltanet.short_conv as short_conv_module
 import mamba.model as mamba_model
 import mamba2.model as mamba2_model
 import rwkv.model as rwkv_model
 from gated_deltanet.delta_rule import gated_delta_rule_reference
+from gated_deltanet.short_conv import short_conv_fla, short_conv_reference
 from mamba2.ssd import ssd_scan
 from rwkv.wkv7 import wkv7_reference
 from training_harness.lm import linear_cross_entropy, matmul_params
@@ -266,7 +268,7 @@ def test_gated_deltanet_short_convolution_is_the_causal_depthwise_conv1d():
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3, bias=False)
     x = torch.randn(2, 11, 6, requires_grad=True)
-    out = gated_deltanet_model.short_conv(x, conv)
+    out = short_conv_reference(x, conv.weight.squeeze(1))
     expected = F.silu(conv(x.transpose(1, 2))[..., :11].transpose(1, 2))  # causal: the first T outputs
     assert torch.allclose(out, expected, atol=1e-6)
     grads = torch.autograd.grad(out.square().sum(), (x, conv.weight))
@@ -274,7 +276,48 @@ def test_gated_deltanet_short_convolution_is_the_causal_depthwise_conv1d():
     assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, expected_grads))
     x2 = x.detach().clone()
     x2[:, 5:] += 1.0  # a later token never reaches an earlier output
-    assert torch.equal(gated_deltanet_model.short_conv(x2, conv)[:, :5], out[:, :5])
+    assert torch.equal(short_conv_reference(x2, conv.weight.squeeze(1))[:, :5], out[:, :5])
+
+
+def fake_fla_causal_conv(monkeypatch, calls: list) -> None:
+    """fla's causal_conv1d forward and backward as plain PyTorch, to test the custom op's wiring on CPU."""
+    def forward(x, weight, bias, residual, activation):
+        calls.append("forward")
+        return short_conv_reference(x, weight), None
+
+    def backward(x, dy, dht, weight, bias, residual, activation):
+        calls.append("backward")
+        taps, length = weight.shape[-1], x.shape[1]
+        padded = F.pad(x, (0, 0, taps - 1, 0))
+        z = sum(padded[:, j:j + length] * weight[:, j] for j in range(taps))
+        dz = dy * torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z)))  # silu'(z)
+        dpadded = torch.zeros_like(padded)
+        for j in range(taps):
+            dpadded[:, j:j + length] += dz * weight[:, j]
+        dweight = torch.stack([(dz * padded[:, j:j + length]).sum((0, 1)) for j in range(taps)], -1)
+        return dpadded[:, taps - 1:], dweight, None, None, None
+
+    ops = types.ModuleType("fla.modules.causal_conv1d.ops")
+    ops.causal_conv1d_fwd, ops.causal_conv1d_bwd = forward, backward
+    monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d.ops", ops)
+    monkeypatch.setattr(short_conv_module, "fla_kernel_choice", lambda: None)
+
+
+def test_gated_deltanet_short_conv_op_compiles_into_one_graph_with_its_backward(monkeypatch):
+    """The kernel's custom op inside a fullgraph compiled region, forward and backward through fla's entry
+    points (here plain PyTorch; the GPU test compares the real kernel with the reference)."""
+    calls = []
+    fake_fla_causal_conv(monkeypatch, calls)
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 9, 6, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    region = torch.compile(lambda x, w: short_conv_fla(2 * x, w).sum(-1), fullgraph=True, backend="aot_eager")
+    out = region(x, weight)
+    grads = torch.autograd.grad(out.square().sum(), (x, weight))
+    expected = short_conv_reference(2 * x, weight).sum(-1)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, weight))
+    assert calls == ["forward", "backward"]
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, expected_grads))
 
 
 def test_gated_deltanet_stops_at_once_where_fla_would_refuse_its_backward(monkeypatch):
