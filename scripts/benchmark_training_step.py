@@ -10,8 +10,9 @@ training flags it adds (default: one variant, "plan", the sweep's plan for that 
 each family's ``gpu_plan``, compiled). --stock also times the family's stock implementation
 (scripts/benchmark_stock_reference.py, paper shapes) at the first variant's micro-batch and at micro-batch
 1, each in a fresh process, and the speed-up compares equal micro-batches and equal tokens per optimizer
-step. --rounds repeats the whole sequence, so every figure has a spread. Prints one table and writes the
-rows as JSON (default docs/benchmarks/training_step_<gpu>.json).
+step. --rounds repeats the whole sequence, so every figure has a spread. first_step_compile_s is the part of
+the first step the training process spent compiling Triton kernels (the libraries'; inductor compiles in its
+workers). Prints one table and writes the rows as JSON (default docs/benchmarks/training_step_<gpu>.json).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from training_harness.tokenization import tokenizer_name
 ROOT = Path(__file__).resolve().parents[1]
 
 COLUMNS = ("round", "family", "size", "variant", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter",
-           "peak_alloc_gb", "peak_device_gb", "first_step_s", "process_s", "stock_tokens_per_s", "speedup_vs_stock",
-           "stock_mb1_tokens_per_s")
+           "peak_alloc_gb", "peak_device_gb", "first_step_s", "first_step_compile_s", "process_s",
+           "stock_tokens_per_s", "speedup_vs_stock", "stock_mb1_tokens_per_s")
 
 
 def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) -> dict:
@@ -62,13 +63,14 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
     if metrics.get("params") is None:
         return {**row, "status": f"{metrics['status']}: {metrics.get('error')} {result.stderr.strip()[-500:]}"}
     log = read_log(output / LOG_FILE)
-    first = next((r["step_s"] for r in log if r.get("step") == 1 and "step_s" in r), None)
+    first = next((r for r in log if r.get("step") == 1 and "step_s" in r), {})
     row.update(status=metrics["status"], micro=metrics.get("micro_batch_size"),
                params_m=round(metrics["params"] / 1e6, 1),
                tokens_per_s=metrics.get("tokens_per_s"), mfu=metrics.get("mfu"),
                s_per_iter=metrics.get("al_s_per_iter"), peak_alloc_gb=metrics.get("allocator_peak_allocated_gb"),
                peak_device_gb=metrics.get("peak_memory_gb"),
-               first_step_s=first, kernel_path=metrics.get("kernel_path"), device=metrics.get("device_name"),
+               first_step_s=first.get("step_s"), first_step_compile_s=first.get("triton_compile_s"),
+               kernel_path=metrics.get("kernel_path"), device=metrics.get("device_name"),
                error=metrics.get("error"))
     return row
 

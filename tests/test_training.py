@@ -6,11 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
+from training_harness import profiling
 from training_harness import trainer as trainer_module
 from training_harness.cli import main
 from training_harness.config import TrainConfig, parse_config
@@ -59,6 +61,30 @@ def test_script_runs_ten_steps_and_writes_every_output(family, data_dir, tmp_pat
 
 def run_in_process(data_dir, output, *extra):
     return main("qwen", ["--data_path", data_dir, "--output_dir", str(output), *TINY, *extra])
+
+
+def test_the_first_step_says_what_it_spent_compiling_triton_kernels(data_dir, tmp_path, monkeypatch, capsys):
+    """A library kernel compiled at the first step (here through a stand-in for Triton's listener) is logged
+    with that step, said on stderr, and no later step repeats it; the listener is given back at the end."""
+    compilation = types.SimpleNamespace(listener=None)
+    monkeypatch.setattr(profiling, "triton_compilation_knobs", lambda: compilation)
+    train_step = trainer_module.Trainer.train_step
+
+    def compiling_step(self):
+        if self.step == 0:
+            compilation.listener(src=None, metadata={}, metadata_group={},
+                                 times=types.SimpleNamespace(total=2_500_000), cache_hit=False)
+        return train_step(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", compiling_step)
+    output = tmp_path / "run"
+    assert run_in_process(data_dir, output, "--max_steps", "3") == 0
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert (steps[0]["triton_compilations"], steps[0]["triton_compile_s"]) == (1, 2.5)
+    assert all("triton_compilations" not in r for r in steps[1:])
+    assert "2.5 s of it compiling Triton kernels in this process: 1" in capsys.readouterr().err
+    assert compilation.listener is None
 
 
 def test_interrupt_then_resume_continues_the_same_loss_curve(data_dir, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Where a training step spends GPU time: kernel time and launches per step, and the kernels that take it."""
+"""Where a training step spends GPU time: kernel time and launches per step, and the kernels that take it; and
+what a process spends compiling Triton kernels."""
 
 from __future__ import annotations
 
@@ -48,3 +49,50 @@ def profile_steps(step: Callable[[], None], steps: int, top: int, step_s: float)
     return {"gpu_kernel_s_per_step": total, "gpu_busy": total / step_s, "kernels_per_step": round(len(kernels) / steps),
             "top_kernels": [{"name": name[:120], "s_per_step": seconds, "share": seconds / total}
                             for name, seconds in ranked]}
+
+
+def triton_compilation_knobs():
+    """``triton.knobs.compilation``, or None without Triton or in a Triton without its listener."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    compilation = getattr(knobs, "compilation", None)
+    return compilation if hasattr(compilation, "listener") else None
+
+
+class TritonCompileLog:
+    """The Triton kernels compiled in this process and their compile seconds, heard through Triton's
+    compilation listener (``triton.knobs.compilation.listener``). Library kernels (fla, mamba-ssm) compile here
+    at their first launch, one after another, which is what makes a cold first step slow; inductor compiles
+    its regions in worker processes, not counted. Without Triton, or a Triton without the listener, it hears
+    nothing and ``stop()`` says so with an empty dict."""
+
+    def __init__(self) -> None:
+        self.kernels, self.seconds = 0, 0.0
+        self._compilation = self._previous = None
+
+    def start(self) -> TritonCompileLog:
+        compilation = triton_compilation_knobs()
+        if compilation is None:
+            return self
+        self._compilation, self._previous = compilation, compilation.listener
+        compilation.listener = self._heard
+        return self
+
+    def _heard(self, *, times, cache_hit: bool, **details) -> None:
+        if self._previous is not None:  # a listener set before ours still hears everything
+            self._previous(times=times, cache_hit=cache_hit, **details)
+        if not cache_hit:
+            self.kernels += 1
+            self.seconds += times.total / 1e6  # microseconds
+
+    def stop(self) -> dict:
+        """{"triton_compilations": N, "triton_compile_s": S} since ``start()``, or {} where nothing listened.
+        Gives the listener back; later calls return {}."""
+        if self._compilation is None:
+            return {}
+        self._compilation.listener = self._previous
+        self._compilation = None
+        return {"triton_compilations": self.kernels, "triton_compile_s": self.seconds}
+

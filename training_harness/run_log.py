@@ -65,7 +65,8 @@ class RunLog:
         self._total = total_steps
 
     def step(self, record: dict, device_readings: dict[str, float]) -> None:
-        """One optimizer step: step, loss, lr, grad_norm, step_s, tokens_per_s; the device's latest readings."""
+        """One optimizer step: step, loss, lr, grad_norm, step_s, tokens_per_s (the first step of a process also
+        triton_compilations and triton_compile_s, where Triton can say); the device's latest readings."""
         if not self.is_main:
             return
         self._append(record)
@@ -80,8 +81,10 @@ class RunLog:
         self._progress.update(1)
         self._progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
         if self._progress.disable and (record["step"] % self._every == 0 or record["step"] == 1):
-            self.say(f"step {record['step']}/{self._total}: loss {record['loss']:.3f}, {record['step_s']:.2f} s, "
-                     f"{record['tokens_per_s']:,.0f} tokens/s")
+            compiled = (f" ({record['triton_compile_s']:.1f} s of it compiling Triton kernels in this process: "
+                        f"{record['triton_compilations']})") if record.get("triton_compilations") else ""
+            self.say(f"step {record['step']}/{self._total}: loss {record['loss']:.3f}, {record['step_s']:.2f} s"
+                     f"{compiled}, {record['tokens_per_s']:,.0f} tokens/s")
 
     def validation(self, step: int, validation: Validation) -> None:
         """One validation: its mean loss (nats per token) and BPB, also said on stderr."""

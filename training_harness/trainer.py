@@ -27,6 +27,7 @@ from training_harness.config import TrainConfig
 from training_harness.data import TokenWindows, resolve_data_path
 from training_harness.errors import EXIT_INTERRUPTED, ConfigError, DataError
 from training_harness.lm import no_weight_decay, parameter_count
+from training_harness.profiling import TritonCompileLog
 from training_harness.registry import build_model, get_family
 from training_harness.run_description import CONFIG_FILE, RunDescription, git_state, versions
 from training_harness.run_log import LOG_FILE, RunLog
@@ -337,6 +338,13 @@ class Trainer:
         return loss_sum, grad_norm
 
     def run(self, monitor: Monitor, stop: StopRequest) -> Outcome:
+        compiles = TritonCompileLog().start()  # the first step's library kernels, logged with that step
+        try:
+            return self._train(monitor, stop, compiles)
+        finally:
+            compiles.stop()
+
+    def _train(self, monitor: Monitor, stop: StopRequest, compiles: TritonCompileLog) -> Outcome:
         config = self.config
         self.log.open(self.step, config.max_steps)
         monitor.start()
@@ -367,7 +375,8 @@ class Trainer:
                 raise NonFiniteLoss(f"loss is {loss} at step {self.step}")
             self.log.step({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                            "grad_norm": float(grad_norm), "step_s": now - last_boundary,
-                           "tokens_per_s": tokens_per_step * self.context.world_size / (now - last_boundary)},
+                           "tokens_per_s": tokens_per_step * self.context.world_size / (now - last_boundary),
+                           **compiles.stop()},  # the first step's alone: later calls return {}
                           monitor.latest_readings())
             self._between_steps(monitor)
             last_boundary = time.perf_counter()

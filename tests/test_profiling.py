@@ -1,0 +1,40 @@
+"""The compile log of a process's Triton kernels, against a stand-in for Triton's listener knob (the CPU build
+of torch has no Triton)."""
+
+import sys
+import types
+
+from training_harness.profiling import TritonCompileLog
+
+
+def fake_triton(monkeypatch, listener=None) -> types.SimpleNamespace:
+    compilation = types.SimpleNamespace(listener=listener)
+    knobs = types.SimpleNamespace(compilation=compilation)
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(knobs=knobs))
+    return compilation
+
+
+def compile_event(compilation, microseconds: int, cache_hit: bool = False) -> None:
+    compilation.listener(src=None, metadata={"name": "kernel"}, metadata_group={},
+                         times=types.SimpleNamespace(total=microseconds), cache_hit=cache_hit)
+
+
+def test_counts_compilations_not_cache_hits_and_gives_the_listener_back(monkeypatch):
+    heard = []
+    previous = lambda **event: heard.append(event["cache_hit"])  # noqa: E731
+    compilation = fake_triton(monkeypatch, previous)
+    log = TritonCompileLog().start()
+    compile_event(compilation, 2_500_000)
+    compile_event(compilation, 1_000_000, cache_hit=True)  # loaded from the disk cache: nothing compiled
+    compile_event(compilation, 500_000)
+    assert log.stop() == {"triton_compilations": 2, "triton_compile_s": 3.0}
+    assert heard == [False, True, False]  # a listener set before still heard everything
+    assert compilation.listener is previous
+    assert log.stop() == {}
+
+
+def test_without_triton_it_hears_nothing_and_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    assert TritonCompileLog().start().stop() == {}
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(knobs=types.SimpleNamespace()))
+    assert TritonCompileLog().start().stop() == {}  # a Triton older than the listener
