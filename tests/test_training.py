@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training_harness import profiling
+from training_harness import kernel_warmup, profiling
 from training_harness import trainer as trainer_module
 from training_harness.cli import main
 from training_harness.config import TrainConfig, parse_config
@@ -85,6 +85,17 @@ def test_the_first_step_says_what_it_spent_compiling_triton_kernels(data_dir, tm
     assert all("triton_compilations" not in r for r in steps[1:])
     assert "2.5 s of it compiling Triton kernels in this process: 1" in capsys.readouterr().err
     assert compilation.listener is None
+
+
+def test_the_first_step_waits_for_the_kernel_warmup_helper_and_records_it(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(kernel_warmup, "wanted", lambda config, family, context: True)  # as on CUDA
+    output = tmp_path / "run"
+    assert run_in_process(data_dir, output, "--max_steps", "3") == 0
+    steps = [r for r in map(json.loads, (output / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps[0]["kernel_warmup_s"] > 0
+    assert all("kernel_warmup_s" not in r for r in steps[1:])
+    assert "a helper process compiles the library's kernels meanwhile" in capsys.readouterr().err
+    assert "qwen 0.5B, 2 blocks, micro-batch 1 x 32 tokens" in (output / kernel_warmup.LOG_NAME).read_text()
 
 
 def test_interrupt_then_resume_continues_the_same_loss_curve(data_dir, tmp_path, monkeypatch):

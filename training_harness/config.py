@@ -56,6 +56,9 @@ class TrainConfig:
         "help": "with --activation_checkpointing, recompute only the first N blocks (default: all); the memory "
                 "of the others' activations buys back their share of the recomputation"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each block and the loss"})
+    kernel_warmup: bool = field(default=True, metadata={
+        "help": "on CUDA, for families that pin Triton kernels (RWKV-7, Mamba-2, Gated DeltaNet): compile them in "
+                "a helper process while the first step compiles the rest (its output: kernel_warmup.log)"})
     attention: str = field(default="auto", metadata={
         "help": f"SDPA kernel for the transformers on CUDA: {', '.join(ATTENTION_KERNELS)} (auto: PyTorch's choice)"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP2 sharding instead of DDP under torchrun"})

@@ -100,7 +100,7 @@ def _train(config: TrainConfig, output: Path) -> int:
         _write_results(trainer, monitor, measurement, outcome)
         raise
     finally:
-        trainer.log.close()
+        trainer.close()
     _write_results(trainer, monitor, measurement, outcome)
     distributed.teardown()
     if outcome.error:

@@ -22,7 +22,7 @@ from efficientllm_metrics import (
     read_results,
     write_json_atomic,
 )
-from training_harness import checkpoint, distributed
+from training_harness import checkpoint, distributed, kernel_warmup
 from training_harness.config import TrainConfig
 from training_harness.data import TokenWindows, resolve_data_path
 from training_harness.errors import EXIT_INTERRUPTED, ConfigError, DataError
@@ -143,6 +143,8 @@ class Trainer:
         self.description: RunDescription | None = None
         self.validation: Validation | None = None
         self.step = 0
+        self.kernel_warmup: kernel_warmup.KernelWarmup | None = None
+        self.kernel_warmup_record: dict = {}
 
     @property
     def micro_batch(self) -> int:
@@ -168,6 +170,9 @@ class Trainer:
         meta = self.train_windows.meta
         micro_batch, accumulation = config.batch_plan(context.world_size)
         vocab_rows = self.family.vocab_rows(meta["vocab_size"], config.preset)
+        if kernel_warmup.wanted(config, self.family, context):
+            self.kernel_warmup = kernel_warmup.start(dataclasses.replace(config, device=str(context.device)),
+                                                     micro_batch, vocab_rows, self.output)
 
         if config.attention != "auto" and not context.cuda_indices:
             raise ConfigError(f"--attention {config.attention} picks a CUDA kernel; use auto on {context.device}")
@@ -247,6 +252,8 @@ class Trainer:
         ]
         if config.compile and d.device.startswith("cuda"):
             lines.append("compiling: the first step includes compilation (tens of seconds)")
+        if self.kernel_warmup is not None:
+            lines.append(f"a helper process compiles the library's kernels meanwhile ({kernel_warmup.LOG_NAME})")
         if d.device == "cpu" and (d.preset != "tiny" or d.context > 1024):
             lines.append(f"WARNING: {d.preset} shapes at {d.context:,} tokens on a CPU take minutes per step; "
                          "--preset tiny --seq_len 256 checks that the code runs in seconds")
@@ -329,6 +336,7 @@ class Trainer:
             with sync:
                 with compute_context(config, context.device):
                     loss = self.model(inputs, labels)
+                self._finish_kernel_warmup()  # before any gradient exists, so the helper's memory is free by then
                 (loss / self.accumulation).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
@@ -336,6 +344,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return loss_sum, grad_norm
+
+    def _finish_kernel_warmup(self) -> None:
+        if self.kernel_warmup is None:
+            return
+        self.kernel_warmup_record = self.kernel_warmup.finish()
+        self.kernel_warmup = None
+        if "kernel_warmup_error" in self.kernel_warmup_record:
+            self.log.say(f"the kernel warm-up helper failed ({self.kernel_warmup_record['kernel_warmup_error']}); "
+                         "the training process compiles the library's kernels itself, as it would without it")
 
     def run(self, monitor: Monitor, stop: StopRequest) -> Outcome:
         compiles = TritonCompileLog().start()  # the first step's library kernels, logged with that step
@@ -376,8 +393,9 @@ class Trainer:
             self.log.step({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                            "grad_norm": float(grad_norm), "step_s": now - last_boundary,
                            "tokens_per_s": tokens_per_step * self.context.world_size / (now - last_boundary),
-                           **compiles.stop()},  # the first step's alone: later calls return {}
+                           **compiles.stop(), **self.kernel_warmup_record},  # both the first step's alone
                           monitor.latest_readings())
+            self.kernel_warmup_record = {}
             self._between_steps(monitor)
             last_boundary = time.perf_counter()
         return Outcome("completed", 0)
@@ -415,6 +433,12 @@ class Trainer:
             checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
                             config.save_optimizer, self.context.is_main)
         monitor.resume()
+
+    def close(self) -> None:
+        """Stop a helper that setup started and no step waited for (the run failed before), close the log."""
+        if self.kernel_warmup is not None:
+            self.kernel_warmup.stop()
+        self.log.close()
 
     def finish(self) -> None:
         """Final validation and checkpoint of a completed run."""

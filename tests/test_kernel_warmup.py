@@ -1,0 +1,33 @@
+"""The helper that compiles a family's library kernels beside the first step: it runs, fails loudly, stops."""
+
+import subprocess
+import sys
+import time
+
+from training_harness import kernel_warmup
+from training_harness.config import TrainConfig
+from training_harness.kernel_warmup import KernelWarmup
+
+
+def test_the_helper_runs_a_two_block_model_forward_and_backward(tmp_path):
+    config = TrainConfig(model="rwkv", preset="tiny", seq_len=32, device="cpu")
+    helper = kernel_warmup.start(config, micro_batch=2, vocab_rows=64, log_dir=tmp_path)
+    record = helper.finish()
+    log = (tmp_path / kernel_warmup.LOG_NAME).read_text()
+    assert "kernel_warmup_s" in record, log
+    assert record["kernel_warmup_s"] > 0
+    assert "rwkv 0.5B, 2 blocks, micro-batch 2 x 32 tokens: forward and backward" in log
+
+
+def test_a_failing_helper_reports_its_last_line(tmp_path):
+    config = TrainConfig(model="no_such_family", preset="tiny", seq_len=32, device="cpu")
+    record = kernel_warmup.start(config, 1, 64, tmp_path).finish()
+    assert record["kernel_warmup_error"].startswith("exit 1: ValueError: unknown model family 'no_such_family'")
+
+
+def test_a_helper_past_its_limit_is_stopped(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    record = KernelWarmup(process, tmp_path / "absent.log", time.perf_counter()).finish(wait_limit_s=0.2)
+    assert record["kernel_warmup_error"].startswith("stopped after 0 s")
+    assert process.poll() is not None
+
