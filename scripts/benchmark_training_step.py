@@ -74,7 +74,7 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
                first_step_s=first.get("step_s"), first_step_compile_s=first.get("triton_compile_s"),
                kernel_warmup_s=first.get("kernel_warmup_s"), kernel_warmup_error=first.get("kernel_warmup_error"),
                kernel_path=metrics.get("kernel_path"), device=metrics.get("device_name"),
-               error=metrics.get("error"))
+               error=metrics.get("error"), losses=[r["loss"] for r in log if "loss" in r])
     return row
 
 
