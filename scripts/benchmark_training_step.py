@@ -12,7 +12,7 @@ each family's ``gpu_plan``, compiled). --stock also times the family's stock imp
 1, each in a fresh process, and the speed-up compares equal micro-batches and equal tokens per optimizer
 step. --rounds repeats the whole sequence, so every figure has a spread. first_step_compile_s is the part of
 the first step the training process spent compiling Triton kernels (the libraries'; inductor compiles in its
-workers); kernel_warmup_s, how long the helper that compiles them beside the first step ran
+workers); kernel_warmup_wait_s, how long it waited for the helper that compiles them beside the first step
 (training_harness/kernel_warmup.py; a variant with ``--no-kernel_warmup`` times a run without it). Prints one
 table and writes the rows as JSON (default docs/benchmarks/training_step_<gpu>.json).
 """
@@ -39,7 +39,7 @@ from training_harness.tokenization import tokenizer_name
 ROOT = Path(__file__).resolve().parents[1]
 
 COLUMNS = ("round", "family", "size", "variant", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter",
-           "peak_alloc_gb", "peak_device_gb", "first_step_s", "first_step_compile_s", "kernel_warmup_s",
+           "peak_alloc_gb", "peak_device_gb", "first_step_s", "first_step_compile_s", "kernel_warmup_wait_s",
            "process_s", "stock_tokens_per_s", "speedup_vs_stock", "stock_mb1_tokens_per_s")
 
 
@@ -72,7 +72,8 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
                s_per_iter=metrics.get("al_s_per_iter"), peak_alloc_gb=metrics.get("allocator_peak_allocated_gb"),
                peak_device_gb=metrics.get("peak_memory_gb"),
                first_step_s=first.get("step_s"), first_step_compile_s=first.get("triton_compile_s"),
-               kernel_warmup_s=first.get("kernel_warmup_s"), kernel_warmup_error=first.get("kernel_warmup_error"),
+               kernel_warmup_wait_s=first.get("kernel_warmup_wait_s"),
+               kernel_warmup_error=first.get("kernel_warmup_error"),
                kernel_path=metrics.get("kernel_path"), device=metrics.get("device_name"),
                error=metrics.get("error"), losses=[r["loss"] for r in log if "loss" in r])
     return row
