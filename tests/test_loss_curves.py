@@ -35,6 +35,13 @@ def test_a_curve_as_close_as_rounding_noise_passes_and_a_drifting_one_fails(tmp_
     assert lines["broken"].endswith("| NOT within noise |") and "| 0.0980 |" in lines["broken"]
 
 
+def test_a_gap_below_bf16_rounding_of_the_loss_passes_where_the_reordering_noise_is_nil(tmp_path):
+    rows = [row("eager", curve()), row("eager_half", curve()), row("plan", curve(offset=0.005)),
+            row("broken", curve(offset=0.02))]  # the floor: 2^-8 x the lowest loss, ~2.0, is ~0.008
+    lines = {line.split(" | ")[3]: line for line in compare(tmp_path, rows).stdout.splitlines()[1:]}
+    assert lines["plan"].endswith("| within noise |") and lines["broken"].endswith("| NOT within noise |")
+
+
 def test_every_judged_variant_within_noise_exits_zero_and_a_missing_reference_does_not(tmp_path):
     assert compare(tmp_path, [row("eager", curve()), row("eager_half", curve(wiggle=0.01)),
                               row("plan", curve(offset=0.015))]).returncode == 0
