@@ -68,6 +68,9 @@ def wanted(config, family, context) -> bool:
 
 def start(config, micro_batch: int, vocab_rows: int, log_dir: Path) -> KernelWarmup:
     """Start the helper for ``config`` (a TrainConfig) on its device; its output goes to ``log_dir``."""
+    import torch
+
+    torch.ones(1, device=config.device)  # hold the device first: a GPU in exclusive-process mode refuses the helper
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / LOG_NAME
     with log_path.open("w") as log:  # the child keeps its own descriptor
