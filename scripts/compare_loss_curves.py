@@ -31,8 +31,6 @@ BF16_UNIT_ROUNDOFF = 2.0 ** -8
 
 
 def largest_gap(curve: list[float], reference: list[float]) -> float:
-    if len(curve) != len(reference):
-        raise ValueError(f"curves of {len(curve)} and {len(reference)} steps")
     return max(abs(a - b) for a, b in zip(curve, reference))
 
 
@@ -49,6 +47,10 @@ def compare(rows: list[dict], reference: str, noise: str) -> list[dict]:
         if not (curve and base and noisy):
             missing = [name for name, c in ((variant, curve), (reference, base), (noise, noisy)) if not c]
             verdicts.append({**verdict, "verdict": f"missing: {', '.join(missing)}"})
+            continue
+        if not len(curve) == len(base) == len(noisy):  # a run that stopped early
+            verdicts.append({**verdict, "verdict": f"steps differ: {len(curve)}, {len(base)} ({reference}), "
+                                                   f"{len(noisy)} ({noise})"})
             continue
         gap, noise_gap = largest_gap(curve, base), largest_gap(noisy, base)
         within = all(abs(a - b) <= max(NOISE_FACTOR * noise_gap, BF16_UNIT_ROUNDOFF * abs(b))

@@ -29,4 +29,3 @@ def test_a_helper_past_its_limit_is_stopped(tmp_path):
     record = KernelWarmup(process, tmp_path / "absent.log").finish(wait_limit_s=0.2)
     assert record["kernel_warmup_error"].startswith("stopped after 0 s")
     assert process.poll() is not None
-

@@ -47,3 +47,5 @@ def test_every_judged_variant_within_noise_exits_zero_and_a_missing_reference_do
                               row("plan", curve(offset=0.015))]).returncode == 0
     result = compare(tmp_path, [row("eager_half", curve()), row("plan", curve())])
     assert result.returncode == 1 and "missing: eager |" in result.stdout
+    result = compare(tmp_path, [row("eager", curve()), row("eager_half", curve()), row("plan", curve()[:30])])
+    assert result.returncode == 1 and "steps differ: 30, 50 (eager), 50 (eager_half) |" in result.stdout
