@@ -43,8 +43,7 @@ class KernelWarmup:
         try:
             code = self.process.wait(timeout=wait_limit_s)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            self.stop()
             return {"kernel_warmup_error": f"stopped after {wait_limit_s:.0f} s (see {self.log_path})"}
         if code != 0:
             lines = self.log_path.read_text(errors="replace").strip().splitlines() if self.log_path.exists() else []

@@ -95,4 +95,3 @@ class TritonCompileLog:
         self._compilation.listener = self._previous
         self._compilation = None
         return {"triton_compilations": self.kernels, "triton_compile_s": self.seconds}
-

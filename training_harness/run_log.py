@@ -66,7 +66,8 @@ class RunLog:
 
     def step(self, record: dict, device_readings: dict[str, float]) -> None:
         """One optimizer step: step, loss, lr, grad_norm, step_s, tokens_per_s (the first step of a process also
-        triton_compilations and triton_compile_s, where Triton can say); the device's latest readings."""
+        triton_compilations and triton_compile_s, where Triton can say, and kernel_warmup_wait_s or
+        kernel_warmup_error where a helper compiled library kernels); the device's latest readings."""
         if not self.is_main:
             return
         self._append(record)
