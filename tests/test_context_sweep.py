@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_plan_keeps_the_8k_tokens_per_micro_batch_and_recomputes_where_one_sequence_holds_more():
-    # Qwen2.5 0.5B runs 2 x 8K tokens per micro-batch; Mamba 8 x 8K.
-    assert context_plan("qwen", "0.5B", 2048, 65_536)["batch_size"] == 32
-    assert [(context_plan("qwen", "0.5B", c, 65_536)["micro_batch_size"],
-             context_plan("qwen", "0.5B", c, 65_536)["activation_checkpointing"]) for c in (2048, 16384, 32768)] \
+    # Qwen2.5 1.5B runs 2 x 8K tokens per micro-batch; Mamba 0.5B 8 x 8K.
+    assert context_plan("qwen", "1.5B", 2048, 65_536)["batch_size"] == 32
+    assert [(context_plan("qwen", "1.5B", c, 65_536)["micro_batch_size"],
+             context_plan("qwen", "1.5B", c, 65_536)["activation_checkpointing"]) for c in (2048, 16384, 32768)] \
         == [(8, False), (1, False), (1, True)]
     assert [(context_plan("mamba", "0.5B", c, 65_536)["micro_batch_size"],
              context_plan("mamba", "0.5B", c, 65_536)["activation_checkpointing"]) for c in (2048, 32768)] \
