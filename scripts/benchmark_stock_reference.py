@@ -68,7 +68,8 @@ def main() -> int:
         return 0
     row = {"family": args.family, "size": args.size, "implementation": family.stock.name, "micro_batch_size": micro,
            "global_batch": global_batch, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-           **speed(times[1:] or times, global_batch * args.seq_len), "first_step_s": times[0]}
+           **speed(times[1:] or times, global_batch * args.seq_len), "first_step_s": times[0],
+           "step_s": [round(t, 4) for t in times]}
     if args.profile_steps:
         row.update(profile_steps(step, args.profile_steps, args.top, row["s_per_step"]))
     print(json.dumps(row))

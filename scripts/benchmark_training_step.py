@@ -13,8 +13,9 @@ each family's ``gpu_plan``, compiled). --stock also times the family's stock imp
 step. --rounds repeats the whole sequence, so every figure has a spread. first_step_compile_s is the part of
 the first step the training process spent compiling Triton kernels (the libraries'; inductor compiles in its
 workers); kernel_warmup_wait_s, how long it waited for the helper that compiles them beside the first step
-(training_harness/kernel_warmup.py; a variant with ``--no-kernel_warmup`` times a run without it). Prints one
-table and writes the rows as JSON (default docs/benchmarks/training_step_<gpu>.json).
+(training_harness/kernel_warmup.py; a variant with ``--no-kernel_warmup`` times a run without it). Every row
+keeps its steps' losses and seconds and the UTC time its process started, to line up with a clock or power log
+kept beside it. Prints one table and writes the rows as JSON (default docs/benchmarks/training_step_<gpu>.json).
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
                "--preset", args.preset, "--data_path", str(data), "--output_dir", str(output),
                "--max_steps", str(args.steps), "--eval_windows", "1", "--no-final_checkpoint", "--device", "cuda",
                *shlex.split(flags)]
-    started = time.perf_counter()
+    started_utc, started = utc_now(), time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     process_s = time.perf_counter() - started
     # Recorded relative to the checkout, the temporary output folder as <output>: no machine's paths.
     recorded = [str(Path(part).relative_to(ROOT)) if part.startswith(str(ROOT)) else part for part in command[1:]]
-    row = {"family": family, "size": size, "variant": variant, "process_s": round(process_s, 1),
+    row = {"family": family, "size": size, "variant": variant, "started_utc": started_utc,
+           "process_s": round(process_s, 1),
            "command": " ".join(recorded).replace(str(output), "<output>")}
     try:
         metrics = read_results(output)
@@ -75,18 +77,25 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
                kernel_warmup_wait_s=first.get("kernel_warmup_wait_s"),
                kernel_warmup_error=first.get("kernel_warmup_error"),
                kernel_path=metrics.get("kernel_path"), device=metrics.get("device_name"),
-               error=metrics.get("error"), losses=[r["loss"] for r in log if "loss" in r])
+               error=metrics.get("error"), losses=[r["loss"] for r in log if "loss" in r],
+               step_s=[round(r["step_s"], 4) for r in log if "step_s" in r])
     return row
+
+
+def utc_now() -> str:
+    """When a process started, to line rows up with a clock or power log kept beside the benchmark."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def stock_reference(family: str, size: str, micro_batch_size: int, steps: int) -> dict:
     """The stock implementation's row (scripts/benchmark_stock_reference.py), timed in a fresh process."""
+    started_utc = utc_now()
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_stock_reference.py"), "--family",
                              family, "--size", size, "--micro_batch_size", str(micro_batch_size), "--steps",
                              str(steps)], capture_output=True, text=True)
     if result.returncode:
-        return {"error": result.stderr.strip()[-500:]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        return {"error": result.stderr.strip()[-500:], "started_utc": started_utc}
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "started_utc": started_utc}
 
 
 def stock_rows(family: str, size: str, harness: dict, steps: int, round_index: int) -> list[dict]:
@@ -102,7 +111,7 @@ def stock_rows(family: str, size: str, harness: dict, steps: int, round_index: i
              "micro": stock.get("micro_batch_size"), "status": stock.get("error", "completed"),
              "params_m": stock.get("params_m"), "tokens_per_s": stock.get("tokens_per_s"),
              "s_per_iter": stock.get("s_per_step"), "peak_alloc_gb": stock.get("peak_alloc_gb"),
-             "first_step_s": stock.get("first_step_s"), "stock": stock}
+             "first_step_s": stock.get("first_step_s"), "started_utc": stock.get("started_utc"), "stock": stock}
             for stock in ([same, single] if micro != 1 else [same])]
 
 
