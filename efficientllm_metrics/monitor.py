@@ -32,6 +32,7 @@ class GpuWindow:
     memory_mean_bytes: float | None = None
     memory_peak_bytes: float | None = None
     power_mean_w: float | None = None
+    sm_clock_mean_mhz: float | None = None
     energy_counter_j: float | None = None
     energy_integral_j: float | None = None
     reasons: dict[str, str] = field(default_factory=dict)
@@ -293,6 +294,8 @@ class Monitor:
             window.power_mean_w = window.energy_integral_j / sum(end - start for start, end in self._segments)
         else:
             window.reasons["power_mean_w"] = window.reasons["energy_integral_j"]
+        window.sm_clock_mean_mhz = self._window_value(gpu, "sm_clock_mhz", time_average, window.reasons,
+                                                      "sm_clock_mean_mhz")
         window.energy_counter_j = self._energy_j[gpu]
         if window.energy_counter_j is None:
             window.reasons["energy_counter_j"] = "NVML total-energy counter unsupported on this GPU"

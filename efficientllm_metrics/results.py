@@ -196,6 +196,16 @@ def _al_s_per_iter(run: Run) -> Metric:
                   "(forward, backward, accumulation, communication, optimizer)")
 
 
+def _sm_clock_mean_mhz(run: Run) -> Metric:
+    if not run.gpus:
+        return Metric(None, "no GPU in use")
+    values, missing = _gpu_values(run, "sm_clock_mean_mhz")
+    if missing:
+        return Metric(None, missing)
+    return Metric(statistics.mean(values), "time-average of the sampled NVML SM clock, mean over GPUs (a GPU at its "
+                                           "power cap lowers it, and tokens/s with it)")
+
+
 def _tokens_per_s(run: Run) -> Metric:
     return Metric(run.tokens / run.window_s, "tokens of all ranks / window seconds")
 
@@ -270,6 +280,7 @@ METRICS: dict[str, Callable[[Run], Metric]] = {
     "energy_j": _energy_j,
     "aec_w": _aec_w,
     "energy_j_per_token": _energy_j_per_token,
+    "sm_clock_mean_mhz": _sm_clock_mean_mhz,
     "mfu": _mfu,
 }
 #: Metrics that need no measured window (evaluation happens after it).

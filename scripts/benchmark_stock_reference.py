@@ -8,8 +8,10 @@ The library's model as it ships (each family's ``stock`` in its model.py: transf
 GPTNeoXForCausalLM with SDPA attention, mamba-ssm's MambaLMHeadModel, flash-linear-attention's
 RWKV7ForCausalLM) at the family's shape, bf16 weights, eager, the library's own loss. One optimizer step does
 the same work as the harness's: the spec's global batch as micro-batches of ``--micro_batch_size`` (default:
-the sweep's GPU plan) with gradient accumulation, clipping at 1.0, fused AdamW. Prints one JSON line.
-``--profile_steps`` adds the GPU's kernel time per step and the top kernels.
+the sweep's GPU plan) with gradient accumulation, clipping at 1.0, fused AdamW. Prints one JSON line, with
+the energy per token, mean power and mean SM clock over the steps after the first, measured as the harness
+measures its runs (efficientllm_metrics). ``--profile_steps`` adds the GPU's kernel time per step and the top
+kernels.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import torch
 
 from training_harness.config import SPEC_GLOBAL_BATCH
-from training_harness.profiling import profile_steps, speed, time_steps
+from training_harness.profiling import measured_steps, profile_steps, speed
 from training_harness.registry import SIZES, family_names, get_family
 from training_harness.sweep import gpu_plan
 
@@ -61,7 +63,8 @@ def main() -> int:
         optimizer.zero_grad(set_to_none=True)
 
     try:
-        times = time_steps(step, args.steps)
+        times, energy = measured_steps(step, args.steps, global_batch * args.seq_len,
+                                       [torch.cuda.current_device()])
     except torch.cuda.OutOfMemoryError:
         print(json.dumps({"family": args.family, "size": args.size, "micro_batch_size": micro,
                           "error": f"out of memory at micro-batch {micro}"}))
@@ -69,7 +72,7 @@ def main() -> int:
     row = {"family": args.family, "size": args.size, "implementation": family.stock.name, "micro_batch_size": micro,
            "global_batch": global_batch, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
            **speed(times[1:] or times, global_batch * args.seq_len), "first_step_s": times[0],
-           "step_s": [round(t, 4) for t in times]}
+           "step_s": [round(t, 4) for t in times], **energy}
     if args.profile_steps:
         row.update(profile_steps(step, args.profile_steps, args.top, row["s_per_step"]))
     print(json.dumps(row))

@@ -14,8 +14,10 @@ step. --rounds repeats the whole sequence, so every figure has a spread. first_s
 the first step the training process spent compiling Triton kernels (the libraries'; inductor compiles in its
 workers); kernel_warmup_wait_s, how long it waited for the helper that compiles them beside the first step
 (training_harness/kernel_warmup.py; a variant with ``--no-kernel_warmup`` times a run without it). Every row
-keeps its steps' losses and seconds and the UTC time its process started, to line up with a clock or power log
-kept beside it. Prints one table and writes the rows as JSON (default docs/benchmarks/training_step_<gpu>.json).
+keeps its steps' losses and seconds, the UTC time its process started, and its energy per token, mean power
+and mean SM clock over the timed steps: at a GPU's power cap the clock, and tokens/s with it, depend on how
+densely a step draws power, so two rows compare only at similar clocks. Prints one table and writes the rows
+as JSON (default docs/benchmarks/training_step_<gpu>.json).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 
 from efficientllm_metrics import ResultsError, read_results, write_json_atomic
+from training_harness.profiling import ENERGY_METRICS
 from training_harness.registry import SIZES, family_names, get_family
 from training_harness.run_log import LOG_FILE, read_log
 from training_harness.sweep import plan_flags
@@ -41,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 COLUMNS = ("round", "family", "size", "variant", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter",
            "peak_alloc_gb", "peak_device_gb", "first_step_s", "first_step_compile_s", "kernel_warmup_wait_s",
-           "process_s", "stock_tokens_per_s", "speedup_vs_stock", "stock_mb1_tokens_per_s")
+           "process_s", "energy_j_per_token", "sm_clock_mean_mhz", "stock_tokens_per_s", "speedup_vs_stock",
+           "stock_mb1_tokens_per_s")
 
 
 def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) -> dict:
@@ -78,7 +82,8 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
                kernel_warmup_error=first.get("kernel_warmup_error"),
                kernel_path=metrics.get("kernel_path"), device=metrics.get("device_name"),
                error=metrics.get("error"), losses=[r["loss"] for r in log if "loss" in r],
-               step_s=[round(r["step_s"], 4) for r in log if "step_s" in r])
+               step_s=[round(r["step_s"], 4) for r in log if "step_s" in r],
+               **{name: metrics.get(name) for name in ENERGY_METRICS})
     return row
 
 
@@ -111,7 +116,8 @@ def stock_rows(family: str, size: str, harness: dict, steps: int, round_index: i
              "micro": stock.get("micro_batch_size"), "status": stock.get("error", "completed"),
              "params_m": stock.get("params_m"), "tokens_per_s": stock.get("tokens_per_s"),
              "s_per_iter": stock.get("s_per_step"), "peak_alloc_gb": stock.get("peak_alloc_gb"),
-             "first_step_s": stock.get("first_step_s"), "started_utc": stock.get("started_utc"), "stock": stock}
+             "first_step_s": stock.get("first_step_s"), "started_utc": stock.get("started_utc"),
+             **{name: stock.get(name) for name in ENERGY_METRICS}, "stock": stock}
             for stock in ([same, single] if micro != 1 else [same])]
 
 

@@ -34,7 +34,8 @@ class FakeClock:
 
 
 class FakeGpu:
-    """Memory steps from 1 GB to 3 GB at t=5 s; power is 100 + 10 t W; no energy counter."""
+    """Memory steps from 1 GB to 3 GB at t=5 s; power is 100 + 10 t W; the SM clock 2000 - 10 t MHz; no energy
+    counter."""
 
     def __init__(self, clock, fail_power_after=None):
         self.clock = clock
@@ -49,6 +50,8 @@ class FakeGpu:
             if self.fail_power_after is not None and t > self.fail_power_after:
                 raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
             return 100.0 + 10.0 * t
+        if field == "sm_clock_mhz":
+            return 2000.0 - 10.0 * t
         return 1.0
 
     def energy_j(self, gpu):
@@ -87,6 +90,7 @@ def test_exact_metrics_on_synthetic_timeline():
     assert doc["energy_j"] == pytest.approx(1280.0)
     assert doc["aec_w"] == pytest.approx(320.0)
     assert doc["energy_j_per_token"] == pytest.approx(1280.0 / 400)
+    assert doc["sm_clock_mean_mhz"] == pytest.approx(2000.0 - 10.0 * 22)  # the clock's mean over [20, 24]
     assert "counter unsupported" in doc["provenance"]["methods"]["energy_j"]
     assert doc["ppl"] == pytest.approx(20.0)
     assert doc["bpb"] == pytest.approx(math.log(20.0) * 50 / (math.log(2) * 200))
@@ -166,6 +170,7 @@ def test_cpu_fallback_writes_valid_json_with_null_power(tmp_path):
     assert "CPU" in loaded["provenance"]["methods"]["aec_w"]
     assert loaded["amu_gb"] > 0  # process RSS
     assert loaded["mfu"] is None and "no GPU" in loaded["provenance"]["methods"]["mfu"]
+    assert loaded["sm_clock_mean_mhz"] is None and "no GPU" in loaded["provenance"]["methods"]["sm_clock_mean_mhz"]
     assert loaded["tokens"] == 3 * 64
 
 

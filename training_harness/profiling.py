@@ -1,5 +1,5 @@
-"""Where a training step spends GPU time: kernel time and launches per step, and the kernels that take it; and
-what a process spends compiling Triton kernels."""
+"""Where a training step spends GPU time: kernel time and launches per step, and the kernels that take it; the
+energy and clock of timed steps; and what a process spends compiling Triton kernels."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
+
+from efficientllm_metrics import METRICS, Monitor, Run
 
 
 def speed(times: list[float], tokens_per_step: int) -> dict:
@@ -27,6 +29,32 @@ def time_steps(step: Callable[[], None], steps: int) -> list[float]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return times
+
+
+#: Measured over the same window as tokens/s: what a GPU at its power cap trades speed for.
+ENERGY_METRICS = ("energy_j_per_token", "aec_w", "sm_clock_mean_mhz")
+
+
+def measured_steps(step: Callable[[], None], steps: int, tokens_per_step: int,
+                   cuda_indices: list[int]) -> tuple[list[float], dict]:
+    """Wall seconds of each of ``steps`` calls of ``step``, and ``ENERGY_METRICS`` over all but the first
+    (compilation, allocation), measured as a training run measures its window: each None, with its reason in
+    ``energy_reasons``, where it cannot be (a CPU run, no NVML)."""
+    monitor = Monitor(cuda_indices, warmup_iterations=1)
+    monitor.start()
+    times = []
+    try:
+        for _ in range(steps):
+            started = time.perf_counter()
+            step()
+            monitor.iteration_done(tokens_per_step)  # synchronizes the devices
+            times.append(time.perf_counter() - started)
+    finally:
+        measurement = monitor.stop()  # ends the sampler thread, also after a failed step (out of memory)
+    run = Run([measurement], params=0, flops_per_token=None, validation=None)
+    metrics = {name: METRICS[name](run) for name in ENERGY_METRICS}
+    return times, {**{name: metric.value for name, metric in metrics.items()},
+                   "energy_reasons": {name: metric.note for name, metric in metrics.items() if metric.value is None}}
 
 
 def profile_steps(step: Callable[[], None], steps: int, top: int, step_s: float) -> dict:
