@@ -108,7 +108,7 @@ for config in "${configs[@]}"; do
     continue
   fi
   if ! model=$("$PYTHON" -m training_harness.sweep model "$config" 2>>"$log"); then
-    [[ $node_rank != 0 ]] || "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" 2 "$log"
+    [[ $node_rank != 0 ]] || "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" 2 "$log" >/dev/null
     summary+=("$name: failed (unreadable config; see $log)")
     failed=$((failed + 1))
     continue
@@ -127,9 +127,10 @@ for config in "${configs[@]}"; do
   done
   child=
   set -e
-  [[ $code == 0 || $node_rank != 0 ]] || "$PYTHON" -m training_harness.sweep record-crash "$results" "$name" "$code" "$log"
+  cause=  # a failed run's error in one line, so the summary says why
+  [[ $code == 0 || $node_rank != 0 ]] || cause=$("$PYTHON" -m training_harness.sweep record-crash "$results" "$name" "$code" "$log")
   status=$("$PYTHON" -m training_harness.sweep status "$results" "$max_steps")
-  summary+=("$name: $status (exit $code)")
+  summary+=("$name: $status (exit $code)${cause:+: $cause}")
   exec 9>&-
   [[ $code == 0 || $status == interrupted ]] || failed=$((failed + 1))
 done

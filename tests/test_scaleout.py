@@ -1,12 +1,14 @@
 """The multi-node path on CPU: two driver processes acting as two nodes of one process each (gloo), by hand
 (dlc) and through the Slurm launcher under a simulated Slurm (fake srun and scontrol, no Slurm needed)."""
 
+import itertools
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,10 +16,13 @@ DRIVER = ROOT / "scripts" / "run_all_attention_free_experiments.sh"
 STEPS = 5
 
 
-def free_port() -> int:
+def pick_free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+free_port = pick_free_port  # the port each run's environment gets; a test can hand out a taken one first
 
 
 def experiment_of_one(tmp_path: Path, data_dir: str) -> Path:
@@ -43,16 +48,51 @@ def assert_one_result_for_both_nodes(experiment: Path) -> None:
     assert (experiment / "logs" / "pythia_0.5B.node1.log").exists()  # node 1 logs beside node 0, not into its log
 
 
+def finish(node: subprocess.Popen, deadline: float) -> str:
+    """The node's output once it exits; stopped (and said so) past the deadline."""
+    try:
+        return node.communicate(timeout=max(deadline - time.monotonic(), 1))[0]
+    except subprocess.TimeoutExpired:
+        node.kill()
+        return node.communicate()[0] + "\n[stopped at the test's deadline]"
+
+
+def run_two_nodes(tmp_path: Path, data_dir: str, timeout_s: float = 300,
+                  attempts: int = 3) -> tuple[Path, list[int | None], list[str]]:
+    """Both nodes' drivers of one run: its experiment folder, exit codes and outputs. A free port can be taken
+    between picking it and node 0 binding it, and node 1 would then wait for node 0 until its own timeout; so
+    a run whose node 0 found its port in use starts again, in a new folder on another port."""
+    for attempt in itertools.count():
+        experiment = experiment_of_one(tmp_path / f"attempt{attempt}", data_dir)
+        env = environment(experiment, NNODES="2")
+        nodes = [subprocess.Popen(["bash", str(DRIVER), "dlc", "cpu", str(STEPS)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env={**env, "NODE_RANK": str(rank)})
+                 for rank in (0, 1)]
+        deadline = time.monotonic() + timeout_s
+        first = finish(nodes[0], deadline)
+        if "address already in use" in first.lower() and attempt + 1 < attempts:
+            finish(nodes[1], time.monotonic())
+            continue
+        outputs = [first, finish(nodes[1], deadline)]
+        return experiment, [node.returncode for node in nodes], outputs
+
+
 def test_two_nodes_by_hand_give_one_result_of_both(tmp_path, data_dir):
-    experiment = experiment_of_one(tmp_path, data_dir)
-    env = environment(experiment, NNODES="2")
-    nodes = [subprocess.Popen(["bash", str(DRIVER), "dlc", "cpu", str(STEPS)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env={**env, "NODE_RANK": str(rank)})
-             for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
+    experiment, codes, outputs = run_two_nodes(tmp_path, data_dir)
+    assert codes == [0, 0], outputs
     assert all("pythia_0.5B: completed (exit 0)" in output for output in outputs)
     assert_one_result_for_both_nodes(experiment)
+
+
+def test_a_port_taken_before_node_0_binds_it_costs_a_new_attempt_not_a_hang(tmp_path, data_dir, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        monkeypatch.setattr(sys.modules[__name__], "free_port", lambda: next(ports, None) or pick_free_port())
+        experiment, codes, outputs = run_two_nodes(tmp_path, data_dir, timeout_s=120)
+    assert codes == [0, 0], outputs
+    assert experiment.parent.name == "attempt1"  # the first attempt met the taken port
 
 
 def fake_command(folder: Path, name: str, body: str) -> None:

@@ -39,15 +39,15 @@ def test_driver_runs_records_failures_and_skips_completed(tmp_path, tokenizer_fi
     first = run_driver(experiment, "dsw", "cpu", "3")
     assert first.returncode == 1, first.stderr
     lines = first.stdout.split("== summary")[1].strip().splitlines()[1:]
-    assert lines == ["mamba_0.5B: completed (exit 0)", "pythia_0.5B: completed (exit 0)",
-                     "rwkv_0.5B: failed (exit 2)"]
+    assert lines[:2] == ["mamba_0.5B: completed (exit 0)", "pythia_0.5B: completed (exit 0)"]
+    assert lines[2].startswith("rwkv_0.5B: failed (exit 2): ") and "no-such-data" in lines[2]  # the cause
     failed = json.loads((experiment / "results" / "rwkv_0.5B" / "efficientllm_metrics.json").read_text())
     assert failed["status"] == "failed" and "no-such-data" in failed["error"]
     assert "no-such-data" in (experiment / "logs" / "rwkv_0.5B.log").read_text()
 
     second = run_driver(experiment, "dsw", "cpu", "3", "mamba", "rwkv")
     lines = second.stdout.split("== summary")[1].strip().splitlines()[1:]
-    assert lines == ["mamba_0.5B: skipped (already completed)", "rwkv_0.5B: failed (exit 2)"]
+    assert lines[0] == "mamba_0.5B: skipped (already completed)" and lines[1].startswith("rwkv_0.5B: failed (exit 2)")
 
 
 def test_generated_paper_configs_carry_the_gpu_plan(tmp_path):
@@ -295,6 +295,22 @@ def test_every_python_script_has_help_naming_it_and_describing_every_option(scri
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith(f"usage: {script}")
     assert undescribed_options(result.stdout) == []
+
+
+def test_a_run_that_died_without_results_is_recorded_with_its_logs_last_exception(tmp_path):
+    from training_harness.sweep import record_crash
+
+    log = tmp_path / "pythia_0.5B.log"
+    log.write_text("Traceback (most recent call last):\n  File \"run.py\", line 67, in next_rendezvous\n"
+                   "torch.distributed.DistNetworkError: The server socket has failed to listen: address already "
+                   "in use\n[2026-11-28 18:59:44] ERROR failed (exitcode: 1)\n")
+    error = record_crash(tmp_path / "pythia_0.5B", "pythia_0.5B", 1, str(log))
+    assert error.startswith("process exited with code 1 without results: torch.distributed.DistNetworkError: ")
+    assert "address already in use" in error and error.endswith(f"see {log}")
+    assert json.loads((tmp_path / "pythia_0.5B" / "efficientllm_metrics.json").read_text())["error"] == error
+    assert record_crash(tmp_path / "pythia_0.5B", "pythia_0.5B", 1, str(log)) == error  # recorded once, read back
+    without_log = record_crash(tmp_path / "mamba_0.5B", "mamba_0.5B", 139, str(tmp_path / "no-such.log"))
+    assert without_log == f"process exited with code 139 without results; see {tmp_path / 'no-such.log'}"
 
 
 def test_a_crashed_run_of_a_family_whose_name_holds_an_underscore_is_recorded_as_that_family(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -95,14 +96,31 @@ def run_status(results_dir: Path, max_steps: int) -> str:
     return results["status"]
 
 
-def record_crash(results_dir: Path, name: str, exit_code: int, log: str) -> None:
-    """A run that died without writing its results (a segfault, a killed process) still gets a row."""
-    if run_status(results_dir, 0) not in ("missing", "corrupt"):
-        return  # the run wrote its own outcome
+#: The line a Python traceback ends with: "torch.distributed.DistNetworkError: The server socket has failed ...".
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def log_cause(log: str) -> str | None:
+    """The last exception line of a run's log (what its traceback ends with), or None."""
+    try:
+        lines = Path(log).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.strip()[:300] for line in reversed(lines) if _EXCEPTION_LINE.fullmatch(line.strip())), None)
+
+
+def record_crash(results_dir: Path, name: str, exit_code: int, log: str) -> str:
+    """A run that died without writing its results (a segfault, a killed process, a launcher that failed
+    before the run started) still gets a row, with its log's last exception as the cause. Returns the run's
+    error in one line, for the sweep's summary."""
+    if run_status(results_dir, 0) not in ("missing", "corrupt"):  # the run wrote its own outcome
+        return read_results(results_dir).get("error") or ""
     model, _, size = name.rpartition("_")  # family names may hold "_"
-    header = RunHeader(status="failed", error=f"process exited with code {exit_code} without results; see {log}",
-                       model=model, size=size)
-    write_json_atomic(results_dir / RESULTS_FILE, unmeasured(header, None))
+    cause = log_cause(log)
+    error = f"process exited with code {exit_code} without results{f': {cause}' if cause else ''}; see {log}"
+    write_json_atomic(results_dir / RESULTS_FILE, unmeasured(RunHeader(status="failed", error=error, model=model,
+                                                                       size=size), None))
+    return error
 
 
 def check_results(results_root: Path, required: list[str]) -> list[str]:
@@ -153,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="print a run's status")
     status.add_argument("results_dir", type=Path)
     status.add_argument("max_steps", type=int)
-    crash = commands.add_parser("record-crash", help="write a failed result for a run that wrote none")
+    crash = commands.add_parser("record-crash", help="write a failed result for a run that wrote none; print the "
+                                                     "run's error in one line")
     crash.add_argument("results_dir", type=Path)
     crash.add_argument("name")
     crash.add_argument("exit_code", type=int)
@@ -185,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "status":
         print(run_status(args.results_dir, args.max_steps))
     elif args.command == "record-crash":
-        record_crash(args.results_dir, args.name, args.exit_code, args.log)
+        print(" ".join(record_crash(args.results_dir, args.name, args.exit_code, args.log).split()))
     elif args.command == "check":
         lines = check_results(args.results_root, _csv(args.require))
         print("\n".join(f"  {line}" for line in lines))
