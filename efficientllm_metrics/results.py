@@ -171,13 +171,17 @@ def _amu_gb(run: Run) -> Metric:
                   "time-average of NVML device memory used, trapezoid over samples, mean over GPUs")
 
 
-def _peak_memory_gb(run: Run) -> Metric:
+def _over_gpus(run: Run, attribute: str, combine: Callable[[list[float]], float], note: str) -> Metric:
+    """``combine`` of every GPU's ``attribute``; None with the reasons where a GPU lacks it or none is in use."""
     if not run.gpus:
         return Metric(None, "no GPU in use")
-    values, missing = _gpu_values(run, "memory_peak_bytes")
-    if missing:
-        return Metric(None, missing)
-    return Metric(max(values) / GB, "max sampled NVML device memory used, max over GPUs")
+    values, missing = _gpu_values(run, attribute)
+    return Metric(None, missing) if missing else Metric(combine(values), note)
+
+
+def _peak_memory_gb(run: Run) -> Metric:
+    return _over_gpus(run, "memory_peak_bytes", lambda values: max(values) / GB,
+                      "max sampled NVML device memory used, max over GPUs")
 
 
 def _allocator_peak(attribute: str) -> Callable[[Run], Metric]:
@@ -197,13 +201,8 @@ def _al_s_per_iter(run: Run) -> Metric:
 
 
 def _sm_clock_mean_mhz(run: Run) -> Metric:
-    if not run.gpus:
-        return Metric(None, "no GPU in use")
-    values, missing = _gpu_values(run, "sm_clock_mean_mhz")
-    if missing:
-        return Metric(None, missing)
-    return Metric(statistics.mean(values), "time-average of the sampled NVML SM clock, mean over GPUs (a GPU at its "
-                                           "power cap lowers it, and tokens/s with it)")
+    return _over_gpus(run, "sm_clock_mean_mhz", statistics.mean, "time-average of the sampled NVML SM clock, mean "
+                      "over GPUs (a GPU at its power cap lowers it, and tokens/s with it)")
 
 
 def _tokens_per_s(run: Run) -> Metric:
