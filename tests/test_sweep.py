@@ -309,6 +309,10 @@ def test_a_run_that_died_without_results_is_recorded_with_its_logs_last_exceptio
     assert "address already in use" in error and error.endswith(f"see {log}")
     assert json.loads((tmp_path / "pythia_0.5B" / "efficientllm_metrics.json").read_text())["error"] == error
     assert record_crash(tmp_path / "pythia_0.5B", "pythia_0.5B", 1, str(log)) == error  # recorded once, read back
+    relayed = tmp_path / "qwen_0.5B.log"  # torchrun prefixes a worker's lines with its rank
+    relayed.write_text("[rank1]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
+    assert record_crash(tmp_path / "qwen_0.5B", "qwen_0.5B", 1, str(relayed)).startswith(
+        "process exited with code 1 without results: torch.OutOfMemoryError: CUDA out of memory.")
     without_log = record_crash(tmp_path / "mamba_0.5B", "mamba_0.5B", 139, str(tmp_path / "no-such.log"))
     assert without_log == f"process exited with code 139 without results; see {tmp_path / 'no-such.log'}"
 

@@ -96,8 +96,9 @@ def run_status(results_dir: Path, max_steps: int) -> str:
     return results["status"]
 
 
-#: The line a Python traceback ends with: "torch.distributed.DistNetworkError: The server socket has failed ...".
-_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+#: The line a Python traceback ends with ("torch.distributed.DistNetworkError: The server socket has failed
+#: ..."), after torchrun's "[rank0]:" where it relays a worker's output.
+_EXCEPTION_LINE = re.compile(r"(?:\[rank\d+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b.*)")
 
 
 def log_cause(log: str) -> str | None:
@@ -106,7 +107,8 @@ def log_cause(log: str) -> str | None:
         lines = Path(log).read_text(errors="replace").splitlines()
     except OSError:
         return None
-    return next((line.strip()[:300] for line in reversed(lines) if _EXCEPTION_LINE.fullmatch(line.strip())), None)
+    matches = (_EXCEPTION_LINE.fullmatch(line.strip()) for line in reversed(lines))
+    return next((match.group(1)[:300] for match in matches if match), None)
 
 
 def record_crash(results_dir: Path, name: str, exit_code: int, log: str) -> str:
