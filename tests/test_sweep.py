@@ -108,7 +108,7 @@ def test_collector_on_crafted_results(tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
     write_run(results, "qwen_0.5B", completed("qwen", "0.5B", 494_032_768, 20.5, 30.2, 0.9, 150.0, 650.0,
-                                              bpb=1.25, window_s=81.0))
+                                              bpb=1.25, window_s=81.0, sm_clock_mean_mhz=1842.5))
     write_run(results, "mamba_0.5B", completed("mamba", "0.5B", 129_153_792, 25.25, 12.0, 0.4, 900.0, None,
                                                bpb=1.5, window_s=36.0))
     (results / "pythia_0.5B").mkdir(parents=True)
@@ -123,6 +123,8 @@ def test_collector_on_crafted_results(tmp_path):
     table = pd.read_csv(tmp_path / "tables" / "attention_free_results.csv").set_index(["model", "size"])
     assert table.loc[("qwen", "0.5B"), "ppl"] == 20.5 and table.loc[("qwen", "0.5B"), "status"] == "completed"
     assert table.loc[("qwen", "0.5B"), "corpus"] == "corpus.jsonl"
+    assert table.loc[("qwen", "0.5B"), "sm_clock_mean_mhz"] == 1842.5
+    assert pd.isna(table.loc[("mamba", "0.5B"), "sm_clock_mean_mhz"])  # results written before the clock
     assert table.loc[("qwen", "0.5B"), "train_val_gap"] == pytest.approx(6.1 - 6.5)
     assert table.loc[("pythia", "0.5B"), "status"] == "oom"
     assert "Tried to allocate" in table.loc[("pythia", "0.5B"), "reason"]
