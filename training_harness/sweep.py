@@ -115,8 +115,10 @@ def record_crash(results_dir: Path, name: str, exit_code: int, log: str) -> str:
     """A run that died without writing its results (a segfault, a killed process, a launcher that failed
     before the run started) still gets a row, with its log's last exception as the cause. Returns the run's
     error in one line, for the sweep's summary."""
-    if run_status(results_dir, 0) not in ("missing", "corrupt"):  # the run wrote its own outcome
-        return read_results(results_dir).get("error") or ""
+    try:
+        return read_results(results_dir).get("error") or ""  # the run wrote its own outcome
+    except (OSError, ResultsError):  # none, or unreadable: this row replaces it
+        pass
     model, _, size = name.rpartition("_")  # family names may hold "_"
     cause = log_cause(log)
     error = f"process exited with code {exit_code} without results{f': {cause}' if cause else ''}; see {log}"
