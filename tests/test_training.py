@@ -253,6 +253,21 @@ def test_compiled_blocks_and_loss_follow_the_eager_loss_curve(data_dir, tmp_path
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
 
 
+def test_compiled_regions_lower_their_backward_with_their_forward(data_dir, tmp_path, monkeypatch):
+    """The first backward compiles nothing: its lowering happened beside the forward's (change 21), where it
+    overlaps the helper that compiles the library's kernels instead of following the wait for it."""
+    monkeypatch.setattr(torch._functorch.config, "force_non_lazy_backward_lowering", False)  # restored after
+    torch._dynamo.reset()  # compiled frames of earlier tests would be reused, compiling nothing
+    triggers = []
+    record = torch._dynamo.callback_handler.register_start_callback(
+        lambda args: triggers.append(args.callback_trigger.name))
+    try:
+        assert run_in_process(data_dir, tmp_path / "run", "--max_steps", "1", "--compile") == 0
+    finally:
+        torch._dynamo.callback_handler.remove_start_callback(record)
+    assert "DYNAMO" in triggers and "LAZY_BACKWARD" not in triggers
+
+
 def test_compiled_rwkv_regions_run_cold_and_from_a_warm_compile_cache(data_dir, tmp_path):
     """RWKV-7 compiles two graphs around its recurrence; their per-head view outputs once came back from
     a warm compile cache with garbage shapes."""
