@@ -147,7 +147,7 @@ class CausalLM(nn.Module):
         loss's softmax. A block with its own ``compile_regions`` chooses its regions (around a kernel that
         dynamo cannot trace); elsewhere such kernels stay eager behind ``torch.compiler.disable``."""
         apply_compile_workarounds()
-        compile_first_step_sooner()
+        lower_backward_with_forward()
         for block in self.blocks:
             if hasattr(block, "compile_regions"):
                 block.compile_regions(**kwargs)
@@ -156,19 +156,12 @@ class CausalLM(nn.Module):
         self.loss_and_grad = torch.compile(softmax_cross_entropy_grad, **kwargs)
 
 
-def compile_first_step_sooner() -> None:
-    """Two orderings of a cold first step's compilation (docs/performance.md, change 21).
-
-    Inductor's compile workers start now, while the run is set up; they used to start when the first region
-    reached inductor, whose kernels then compiled one by one in this process. And each region's backward is
-    lowered with its forward rather than at the first backward: the training process does that lowering while
-    the helper compiles the library's kernels (training_harness/kernel_warmup.py), instead of after waiting for
-    the helper. Neither changes what is compiled."""
+def lower_backward_with_forward() -> None:
+    """Lower each compiled region's backward together with its forward, not at the first backward
+    (docs/performance.md, change 21). Same kernels, earlier: the training process does the lowering while the
+    helper compiles the library's kernels (training_harness/kernel_warmup.py), instead of after waiting for it."""
     if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):  # older releases lower lazily only
         torch._functorch.config.force_non_lazy_backward_lowering = True
-    from torch._inductor.async_compile import maybe_warm_pool
-
-    maybe_warm_pool()  # a no-op without Triton (CPU) or with TORCH_WARM_POOL=0
 
 
 def parameter_count(model: nn.Module) -> int:
