@@ -122,8 +122,9 @@ def stock_rows(family: str, size: str, harness: dict, steps: int, round_index: i
 
 
 def cell(value) -> str:
+    """A table cell: four significant digits below 100 (energy per token is a few thousandths of a joule)."""
     if isinstance(value, float):
-        return f"{value:,.3f}" if value < 100 else f"{value:,.0f}"
+        return f"{value:.4g}" if abs(value) < 100 else f"{value:,.0f}"
     return "-" if value is None else str(value)
 
 
