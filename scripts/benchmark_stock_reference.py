@@ -10,8 +10,8 @@ RWKV7ForCausalLM) at the family's shape, bf16 weights, eager, the library's own 
 the same work as the harness's: the spec's global batch as micro-batches of ``--micro_batch_size`` (default:
 the sweep's GPU plan) with gradient accumulation, clipping at 1.0, fused AdamW. Prints one JSON line, with
 the energy per token, mean power and mean SM clock over the steps after the first, measured as the harness
-measures its runs (efficientllm_metrics). ``--profile_steps`` adds the GPU's kernel time per step and the top
-kernels.
+measures its runs (efficientllm_metrics). ``--profile_steps`` adds the GPU's kernel time per step, the top
+kernels, and each profiled step's longest wait (training_harness.profiling.step_idle).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 Sets up ``training_harness.trainer.Trainer`` exactly as a run does (the same flags; ``--plan`` adds the
 sweep's GPU plan for the family and size), runs warm-up steps (compilation, autotuning), times a few steps,
 then profiles ``--profile_steps`` and prints one JSON line: wall and kernel seconds per step, GPU busy
-share, kernel launches and the top kernels.
+share, kernel launches and the top kernels, and for each profiled step its wall and GPU-busy seconds and its
+longest wait, named by the kernel that ended it (profile a dozen steps to catch a run's slow ones).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The compile log of a process's Triton kernels, against a stand-in for Triton's listener knob (the CPU build
-of torch has no Triton); timed steps with their energy window."""
+of torch has no Triton); timed steps with their energy window; where a profiled step's GPU waited."""
 
 import sys
 import threading
@@ -7,8 +7,9 @@ import time
 import types
 
 import pytest
+import torch
 
-from training_harness.profiling import ENERGY_METRICS, TritonCompileLog, measured_steps
+from training_harness.profiling import ENERGY_METRICS, TritonCompileLog, measured_steps, profile_steps, step_idle
 
 
 def fake_triton(monkeypatch, listener=None) -> types.SimpleNamespace:
@@ -62,3 +63,39 @@ def test_measured_steps_stops_its_sampler_when_a_step_fails():
     with pytest.raises(RuntimeError, match="out of memory"):
         measured_steps(out_of_memory, 3, tokens_per_step=8, cuda_indices=[])
     assert threading.active_count() == running
+
+
+def test_step_idle_counts_overlapping_kernels_once_and_names_the_longest_wait():
+    steps = [(0.0, 100.0), (100.0, 200.0)]  # microseconds
+    kernels = [(70.0, 90.0, "c"), (10.0, 30.0, "a"), (20.0, 40.0, "b"),  # a and b overlap on two streams
+               (100.0, 195.0, "d")]
+    first, second = step_idle(steps, kernels)
+    assert first == pytest.approx({"wall_s": 100e-6, "gpu_busy_s": 50e-6, "longest_idle_s": 30e-6, "idle_before": "c"})
+    assert second == pytest.approx({"wall_s": 100e-6, "gpu_busy_s": 95e-6, "longest_idle_s": 5e-6,
+                                    "idle_before": "step end"})
+
+
+def test_profile_steps_reports_every_step_and_a_cpu_step_as_all_waiting():
+    profile = profile_steps(lambda: time.sleep(0.02), 3, top=5, step_s=0.02)
+    assert profile["gpu_kernel_s_per_step"] == 0 and profile["top_kernels"] == []
+    assert len(profile["steps"]) == 3
+    for step in profile["steps"]:
+        assert step["wall_s"] >= 0.02 and step["gpu_busy_s"] == 0
+        assert step["longest_idle_s"] == step["wall_s"] and step["idle_before"] == "step end"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_profile_steps_places_a_gpu_step_s_kernels_and_its_wait_for_the_host():
+    matrix = torch.randn(4096, 4096, device="cuda")
+
+    def step():
+        for _ in range(4):
+            matrix @ matrix
+        time.sleep(0.02)  # host work after the launches: the GPU waits until the step's end
+
+    profile = profile_steps(step, 2, top=3, step_s=0.02)
+    assert profile["top_kernels"] and len(profile["steps"]) == 2
+    busy = sum(step["gpu_busy_s"] for step in profile["steps"])
+    assert busy == pytest.approx(2 * profile["gpu_kernel_s_per_step"], rel=0.1)  # each kernel inside its step
+    for step in profile["steps"]:
+        assert step["idle_before"] == "step end" and 0.01 < step["longest_idle_s"] < step["wall_s"]

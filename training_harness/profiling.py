@@ -57,26 +57,64 @@ def measured_steps(step: Callable[[], None], steps: int, tokens_per_step: int,
                    "energy_reasons": {name: metric.note for name, metric in metrics.items() if metric.value is None}}
 
 
-def profile_steps(step: Callable[[], None], steps: int, top: int, step_s: float) -> dict:
-    """Run ``step`` ``steps`` times under torch.profiler (CUDA); per step: kernel seconds, the share of
-    ``step_s`` (the step's wall time, timed without the profiler) they fill, kernel launches, and the ``top``
-    kernels by their own GPU time. A low busy share means the host, not the GPU, sets the speed."""
-    from torch.profiler import ProfilerActivity, profile
+#: The profiler's label of each profiled step, so that kernels can be told apart by step.
+STEP_LABEL = "profiled_step"
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-        for _ in range(steps):
-            step()
+
+def profile_steps(step: Callable[[], None], steps: int, top: int, step_s: float) -> dict:
+    """Run ``step`` ``steps`` times under torch.profiler; per step: kernel seconds, the share of ``step_s`` (the
+    step's wall time, timed without the profiler) they fill, kernel launches, and the ``top`` kernels by their
+    own GPU time. A low busy share means the host, not the GPU, sets the speed; ``steps`` says, step by step,
+    where the GPU waited (``step_idle``), which finds the slow steps of a run whose steps are not all alike."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
         torch.cuda.synchronize()
-    kernels = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            with record_function(STEP_LABEL):
+                step()
+                if cuda:
+                    torch.cuda.synchronize()  # the step's kernels end inside its range
+    events = profiler.events()
+    kernels = [event for event in events
+               if event.device_type == torch.autograd.DeviceType.CUDA and event.name != STEP_LABEL]
     by_name: dict[str, float] = defaultdict(float)
     for event in kernels:
         by_name[event.name] += event.device_time / 1e6 / steps
     total = sum(by_name.values())
     ranked = sorted(by_name.items(), key=lambda item: -item[1])[:top]
+    ranges = [(event.time_range.start, event.time_range.end) for event in events
+              if event.name == STEP_LABEL and event.device_type == torch.autograd.DeviceType.CPU]
+    spans = [(event.time_range.start, event.time_range.end, event.name) for event in kernels]
     return {"gpu_kernel_s_per_step": total, "gpu_busy": total / step_s, "kernels_per_step": round(len(kernels) / steps),
             "top_kernels": [{"name": name[:120], "s_per_step": seconds, "share": seconds / total}
-                            for name, seconds in ranked]}
+                            for name, seconds in ranked],
+            "steps": step_idle(sorted(ranges), spans)}
+
+
+def step_idle(step_ranges: list[tuple[float, float]], kernels: list[tuple[float, float, str]]) -> list[dict]:
+    """Where the GPU waited in each step. ``step_ranges``: each step's (start, end); ``kernels``: each kernel's
+    (start, end, name); microseconds on the profiler's one clock. A kernel belongs to the step it starts in. Per
+    step: its wall seconds, the seconds at least one kernel ran (kernels overlapping on several streams count
+    once), and its longest stretch without a kernel, named by the kernel that ended it ("step end" when
+    nothing did)."""
+    rows = []
+    for start, end in step_ranges:
+        inside = sorted(kernel for kernel in kernels if start <= kernel[0] < end)
+        busy, longest, before, covered = 0.0, 0.0, "step end", start
+        for kernel_start, kernel_end, name in inside:
+            if kernel_start - covered > longest:
+                longest, before = kernel_start - covered, name
+            busy += max(0.0, kernel_end - max(kernel_start, covered))
+            covered = max(covered, kernel_end)
+        if end - covered > longest:
+            longest, before = end - covered, "step end"
+        rows.append({"wall_s": (end - start) / 1e6, "gpu_busy_s": busy / 1e6, "longest_idle_s": longest / 1e6,
+                     "idle_before": before[:120]})
+    return rows
 
 
 def triton_compilation_knobs():
