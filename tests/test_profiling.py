@@ -85,7 +85,7 @@ def test_profile_steps_reports_every_step_and_a_cpu_step_as_all_waiting():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_profile_steps_places_a_gpu_step_s_kernels_and_its_wait_for_the_host():
+def test_profile_steps_puts_each_gpu_kernel_in_its_step_and_names_the_wait_for_the_host():
     matrix = torch.randn(4096, 4096, device="cuda")
 
     def step():
