@@ -253,16 +253,17 @@ def test_compiled_blocks_and_loss_follow_the_eager_loss_curve(data_dir, tmp_path
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
 
 
-def test_compiled_regions_lower_their_backward_with_their_forward(data_dir, tmp_path, monkeypatch):
+def test_compiled_regions_lower_their_backward_with_their_forward(data_dir, tmp_path):
     """The first backward compiles nothing: its lowering happened beside the forward's (change 21), where it
     overlaps the helper that compiles the library's kernels instead of following the wait for it."""
-    monkeypatch.setattr(torch._functorch.config, "force_non_lazy_backward_lowering", False)  # restored after
     torch._dynamo.reset()  # compiled frames of earlier tests would be reused, compiling nothing
     triggers = []
     record = torch._dynamo.callback_handler.register_start_callback(
         lambda args: triggers.append(args.callback_trigger.name))
+    # torch's own patch, not monkeypatch: restoring a config by deleting it hides it from every later reader
     try:
-        assert run_in_process(data_dir, tmp_path / "run", "--max_steps", "1", "--compile") == 0
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=False):  # torch's default
+            assert run_in_process(data_dir, tmp_path / "run", "--max_steps", "1", "--compile") == 0
     finally:
         torch._dynamo.callback_handler.remove_start_callback(record)
     assert "DYNAMO" in triggers and "LAZY_BACKWARD" not in triggers
@@ -288,11 +289,11 @@ def test_compiled_run_never_pickles_into_the_autograd_cache(data_dir, tmp_path, 
     from torch._functorch._aot_autograd.autograd_cache import AOTAutogradCache
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))  # empty: a save would follow
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)  # torch's default, restored after
     saved = []
     monkeypatch.setattr(AOTAutogradCache, "save", staticmethod(lambda key, *args, **kwargs: saved.append(key)))
-    assert main("rwkv", ["--data_path", data_dir, *TINY, "--max_steps", "1", "--output_dir", str(tmp_path / "run"),
-                         "--compile"]) == 0
+    with torch._functorch.config.patch(enable_autograd_cache=True):  # torch's default, restored after
+        assert main("rwkv", ["--data_path", data_dir, *TINY, "--max_steps", "1", "--output_dir",
+                             str(tmp_path / "run"), "--compile"]) == 0
     assert saved == []
 
 
