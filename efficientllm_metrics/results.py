@@ -164,11 +164,8 @@ def _amu_gb(run: Run) -> Metric:
         if None in hosts:
             return Metric(None, "host memory was not sampled inside the window")
         return Metric(statistics.mean(hosts) / GB, "no GPU: time-average of process RSS, mean over ranks")
-    values, missing = _gpu_values(run, "memory_mean_bytes")
-    if missing:
-        return Metric(None, missing)
-    return Metric(statistics.mean(values) / GB,
-                  "time-average of NVML device memory used, trapezoid over samples, mean over GPUs")
+    return _over_gpus(run, "memory_mean_bytes", lambda values: statistics.mean(values) / GB,
+                      "time-average of NVML device memory used, trapezoid over samples, mean over GPUs")
 
 
 def _over_gpus(run: Run, attribute: str, combine: Callable[[list[float]], float], note: str) -> Metric:
