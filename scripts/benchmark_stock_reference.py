@@ -2,7 +2,7 @@
 """Time a family's stock implementation, the yardstick of the harness's speed (needs a GPU).
 
     python scripts/benchmark_stock_reference.py --family mamba [--size 0.5B] [--micro_batch_size 8]
-        [--steps 10] [--seq_len 8192] [--profile_steps 2]
+        [--steps 10] [--seq_len 8192] [--profile_steps 2] [--trace PATH]
 
 The library's model as it ships (each family's ``stock`` in its model.py: transformers' Qwen2ForCausalLM and
 GPTNeoXForCausalLM with SDPA attention, mamba-ssm's MambaLMHeadModel, flash-linear-attention's
@@ -11,7 +11,8 @@ the same work as the harness's: the spec's global batch as micro-batches of ``--
 the sweep's GPU plan) with gradient accumulation, clipping at 1.0, fused AdamW. Prints one JSON line, with
 the energy per token, mean power and mean SM clock over the steps after the first, measured as the harness
 measures its runs (efficientllm_metrics). ``--profile_steps`` adds the GPU's kernel time per step, the top
-kernels, and each profiled step's longest wait (training_harness.profiling.step_idle).
+kernels, and each profiled step's longest wait (training_harness.profiling.step_idle); ``--trace`` writes them
+as a Chrome trace.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> int:
     parser.add_argument("--seq_len", type=int, default=8192, help="tokens per sequence")
     parser.add_argument("--profile_steps", type=int, default=0, help="steps to profile after the timed ones")
     parser.add_argument("--top", type=int, default=15, help="kernels listed by the profile")
+    parser.add_argument("--trace", metavar="PATH", help="also write the profiled steps as a Chrome trace "
+                        "(.json, or .json.gz gzipped) for Perfetto or chrome://tracing")
     args = parser.parse_args()
     family = get_family(args.family)
     if family.stock is None:
@@ -74,7 +77,7 @@ def main() -> int:
            **speed(times[1:] or times, global_batch * args.seq_len), "first_step_s": times[0],
            "step_s": [round(t, 4) for t in times], **energy}
     if args.profile_steps:
-        row.update(profile_steps(step, args.profile_steps, args.top, row["s_per_step"]))
+        row.update(profile_steps(step, args.profile_steps, args.top, row["s_per_step"], args.trace))
     print(json.dumps(row))
     return 0
 

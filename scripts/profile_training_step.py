@@ -2,13 +2,15 @@
 """Where the harness's training step spends GPU time: the real trainer's optimizer step under torch.profiler.
 
     python scripts/profile_training_step.py --family mamba --data_path DIR [--size 0.5B] [--warmup_steps 3]
-        [--profile_steps 2] [--top 20] [--plan | training flags such as --micro_batch_size 2 --compile]
+        [--profile_steps 2] [--top 20] [--trace PATH]
+        [--plan | training flags such as --micro_batch_size 2 --compile]
 
 Sets up ``training_harness.trainer.Trainer`` exactly as a run does (the same flags; ``--plan`` adds the
 sweep's GPU plan for the family and size), runs warm-up steps (compilation, autotuning), times a few steps,
 then profiles ``--profile_steps`` and prints one JSON line: wall and kernel seconds per step, GPU busy
 share, kernel launches and the top kernels, and for each profiled step its wall and GPU-busy seconds and its
 longest wait, named by the kernel that ended it (profile a dozen steps to catch a run's slow ones).
+``--trace`` writes the profiled steps as a Chrome trace as well: what the host did during each wait.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> int:
     parser.add_argument("--timed_steps", type=int, default=5, help="steps timed")
     parser.add_argument("--profile_steps", type=int, default=2, help="steps under the profiler")
     parser.add_argument("--top", type=int, default=20, help="kernels listed")
+    parser.add_argument("--trace", metavar="PATH", help="also write the profiled steps as a Chrome trace "
+                        "(.json, or .json.gz gzipped) for Perfetto or chrome://tracing")
     parser.add_argument("--plan", action="store_true", help="train with the sweep's GPU plan for family and size")
     args, training_flags = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as output:
@@ -53,7 +57,7 @@ def main() -> int:
         tokens = trainer.micro_batch * trainer.accumulation * config.seq_len
         row = {"family": args.family, "size": args.size, "flags": " ".join(flags[4:]),
                "micro_batch_size": trainer.micro_batch, **speed(times, tokens)}
-        row.update(profile_steps(step, args.profile_steps, args.top, row["s_per_step"]))
+        row.update(profile_steps(step, args.profile_steps, args.top, row["s_per_step"], args.trace))
     print(json.dumps(row))
     return 0
 

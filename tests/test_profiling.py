@@ -1,6 +1,8 @@
 """The compile log of a process's Triton kernels, against a stand-in for Triton's listener knob (the CPU build
 of torch has no Triton); timed steps with their energy window; where a profiled step's GPU waited."""
 
+import gzip
+import json
 import sys
 import threading
 import time
@@ -9,7 +11,14 @@ import types
 import pytest
 import torch
 
-from training_harness.profiling import ENERGY_METRICS, TritonCompileLog, measured_steps, profile_steps, step_idle
+from training_harness.profiling import (
+    ENERGY_METRICS,
+    STEP_LABEL,
+    TritonCompileLog,
+    measured_steps,
+    profile_steps,
+    step_idle,
+)
 
 
 def fake_triton(monkeypatch, listener=None) -> types.SimpleNamespace:
@@ -82,6 +91,15 @@ def test_profile_steps_reports_every_step_and_a_cpu_step_as_all_waiting():
     for step in profile["steps"]:
         assert step["wall_s"] >= 0.02 and step["gpu_busy_s"] == 0
         assert step["longest_idle_s"] == step["wall_s"] and step["idle_before"] == "step end"
+
+
+def test_profile_steps_writes_a_gzipped_chrome_trace_with_each_step_labelled(tmp_path):
+    trace = tmp_path / "steps.json.gz"
+    profile_steps(lambda: torch.ones(64, 64) @ torch.ones(64, 64), 2, top=3, step_s=0.01, trace=str(trace))
+    with gzip.open(trace, "rt") as file:
+        events = json.load(file)["traceEvents"]
+    assert sum(event.get("name") == STEP_LABEL for event in events) == 2
+    assert any(event.get("name") == "aten::mm" for event in events)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -61,11 +61,13 @@ def measured_steps(step: Callable[[], None], steps: int, tokens_per_step: int,
 STEP_LABEL = "profiled_step"
 
 
-def profile_steps(step: Callable[[], None], steps: int, top: int, step_s: float) -> dict:
+def profile_steps(step: Callable[[], None], steps: int, top: int, step_s: float, trace: str | None = None) -> dict:
     """Run ``step`` ``steps`` times under torch.profiler; per step: kernel seconds, the share of ``step_s`` (the
     step's wall time, timed without the profiler) they fill, kernel launches, and the ``top`` kernels by their
     own GPU time. A low busy share means the host, not the GPU, sets the speed; ``steps`` says, step by step,
-    where the GPU waited (``step_idle``), which finds the slow steps of a run whose steps are not all alike."""
+    where the GPU waited (``step_idle``), which finds the slow steps of a run whose steps are not all alike.
+    ``trace``: also write the profile there as a Chrome trace (gzipped if it ends in .gz), host and GPU side by
+    side, for Perfetto or chrome://tracing."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = torch.cuda.is_available()
@@ -78,6 +80,8 @@ def profile_steps(step: Callable[[], None], steps: int, top: int, step_s: float)
                 step()
                 if cuda:
                     torch.cuda.synchronize()  # the step's kernels end inside its range
+    if trace:
+        profiler.export_chrome_trace(trace)
     events = profiler.events()
     kernels = [event for event in events
                if event.device_type == torch.autograd.DeviceType.CUDA and event.name != STEP_LABEL]
