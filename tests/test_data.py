@@ -1,14 +1,13 @@
 """The data pipeline on a test-made corpus and tokenizer: exact counts, splits, windows, failures."""
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from training_harness import prepare_data
-from training_harness.data import TokenWindows, to_device
+from training_harness.data import TokenWindows
 from training_harness.errors import DataError
 from training_harness.prepare_data import PrepareConfig, is_validation, prepare
 from training_harness.tokenization import load_tokenizer, token_utf8_bytes, train_byte_level_tokenizer
@@ -271,28 +270,3 @@ def test_without_the_hub_a_hub_source_fails_at_once_saying_what_to_pass(tmp_path
     with pytest.raises(DataError, match="cannot be reached; pass --source a local"):
         prepare(PrepareConfig(tokenizer=tokenizer_file, output_dir=str(tmp_path / "hub"), workers=1))
     assert not (tmp_path / "hub").exists()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_batch_goes_to_the_gpu_without_waiting_for_the_kernels_queued_before_it():
-    window = torch.arange(4 * 8193).reshape(4, 8193)
-    inputs = window[:, :-1]  # a view, as TokenWindows hands out
-
-    def host_seconds(copy) -> float:
-        torch.cuda.synchronize()
-        torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU work queued ahead of the copy
-        started = time.perf_counter()
-        copied = copy()
-        seconds = time.perf_counter() - started
-        torch.cuda.synchronize()
-        assert torch.equal(copied.cpu(), inputs)
-        return seconds
-
-    pageable = host_seconds(lambda: inputs.to("cuda", non_blocking=True))
-    assert pageable > 0.2  # what to_device avoids: the host waited for the queue
-    assert host_seconds(lambda: to_device(inputs, torch.device("cuda"))) < pageable / 5
-
-
-def test_to_device_on_the_cpu_is_the_tensor_itself():
-    tokens = torch.arange(10).reshape(2, 5)[:, :-1]
-    assert to_device(tokens, torch.device("cpu")) is tokens

@@ -31,15 +31,6 @@ def resolve_data_path(data_path: str, tokenizer: str, val_fraction: float) -> Pa
     raise DataError(f"{data_path}: expected a prepared folder (with meta.json) or a {'/'.join(LOCAL_SUFFIXES)} file")
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` copied to ``device``; to a GPU from pinned memory, without waiting. A copy from pageable
-    memory first waits for every kernel already queued, so each micro-batch would start on an idle GPU while
-    the host launches its first kernels."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 class TokenWindows:
     """Windows of ``seq_len + 1`` tokens from one split; inputs and labels are shifted by exactly one."""
 

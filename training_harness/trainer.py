@@ -24,7 +24,7 @@ from efficientllm_metrics import (
 )
 from training_harness import checkpoint, distributed, kernel_warmup
 from training_harness.config import TrainConfig
-from training_harness.data import TokenWindows, resolve_data_path, to_device
+from training_harness.data import TokenWindows, resolve_data_path
 from training_harness.errors import EXIT_INTERRUPTED, ConfigError, DataError
 from training_harness.lm import no_weight_decay, parameter_count
 from training_harness.profiling import TritonCompileLog
@@ -122,7 +122,7 @@ def evaluate(model, windows: TokenWindows, config: TrainConfig, micro_batch: int
     loss_sum, tokens, utf8_bytes = 0.0, 0, 0.0
     for inputs, labels in windows.validation_batches(config.eval_windows, micro_batch):
         with compute_context(config, device):
-            loss = model(to_device(inputs, device), to_device(labels, device))
+            loss = model(inputs.to(device), labels.to(device))
         loss_sum += loss.item() * labels.numel()
         tokens += labels.numel()
         utf8_bytes += windows.utf8_bytes(labels)
@@ -328,7 +328,8 @@ class Trainer:
             inputs, labels = self.train_windows.training_batch(
                 config.seed, self.step, micro_step, context.rank, self.micro_batch, config.data_order,
                 self.accumulation, context.world_size)
-            inputs, labels = to_device(inputs, context.device), to_device(labels, context.device)
+            inputs = inputs.to(context.device, non_blocking=True)
+            labels = labels.to(context.device, non_blocking=True)
             last = micro_step == self.accumulation - 1
             # DDP all-reduces gradients only on the last micro-batch.
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
