@@ -109,11 +109,11 @@ def test_profile_steps_puts_each_gpu_kernel_in_its_step_and_names_the_wait_for_t
     def step():
         for _ in range(4):
             matrix @ matrix
-        time.sleep(0.02)  # host work after the launches: the GPU waits until the step's end
+        time.sleep(0.1)  # host work after the launches: the GPU waits until the step's end
 
-    profile = profile_steps(step, 2, top=3, step_s=0.02)
+    profile = profile_steps(step, 2, top=3, step_s=0.1)
     assert profile["top_kernels"] and len(profile["steps"]) == 2
     busy = sum(step["gpu_busy_s"] for step in profile["steps"])
     assert busy == pytest.approx(2 * profile["gpu_kernel_s_per_step"], rel=0.1)  # each kernel inside its step
     for step in profile["steps"]:
-        assert step["idle_before"] == "step end" and 0.01 < step["longest_idle_s"] < step["wall_s"]
+        assert step["idle_before"] == "step end" and 0.05 < step["longest_idle_s"] < step["wall_s"]

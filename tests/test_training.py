@@ -28,9 +28,13 @@ def read_results(output: Path) -> dict:
     return json.loads((output / "efficientllm_metrics.json").read_text())
 
 
-def losses(output: Path) -> list[float]:
+def step_records(output: Path) -> list[dict]:
     records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+    return [record for record in records if "loss" in record]
+
+
+def losses(output: Path) -> list[float]:
+    return [record["loss"] for record in step_records(output)]
 
 
 @pytest.mark.parametrize("family", ["qwen", "pythia", "mamba", "rwkv", "mamba2", "gated_deltanet"])
@@ -267,6 +271,31 @@ def test_compiled_regions_lower_their_backward_with_their_forward(data_dir, tmp_
     finally:
         torch._dynamo.callback_handler.remove_start_callback(record)
     assert "DYNAMO" in triggers and "LAZY_BACKWARD" not in triggers
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run(data_dir, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="cuda_graphs with activation_checkpointing"):
+        parse_config(["--data_path", "d", "--output_dir", "o", "--cuda_graphs", "--activation_checkpointing"],
+                     "qwen", "")
+    assert run_in_process(data_dir, tmp_path / "run", "--max_steps", "2", "--cuda_graphs") == 2
+    assert "--cuda_graphs runs on one CUDA device in one process, not on cpu" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("family", "flags"), [("qwen", []), ("mamba2", ["--compile"])])
+def test_cuda_graph_steps_train_as_the_plain_steps_do(family, flags, data_dir, tmp_path):
+    """Two micro-batches per step, a large learning rate: a gradient lost or counted twice across the
+    micro-batches or the steps (the capture's own gradients) would change the gradient norm and the losses."""
+    common = ["--data_path", data_dir, "--preset", "tiny", "--seq_len", "32", "--batch_size", "4",
+              "--micro_batch_size", "2", "--device", "cuda", "--max_steps", "6", "--lr", "1e-2", "--eval_windows",
+              "2", "--sample_interval_s", "0.02", "--no-final_checkpoint", *flags]
+    assert main(family, [*common, "--output_dir", str(tmp_path / "plain")]) == 0
+    assert main(family, [*common, "--output_dir", str(tmp_path / "graphs"), "--cuda_graphs"]) == 0
+    plain, graphed = step_records(tmp_path / "plain"), step_records(tmp_path / "graphs")
+    assert len(graphed) == 6
+    assert [r["grad_norm"] for r in graphed] == pytest.approx([r["grad_norm"] for r in plain], rel=1e-3)
+    assert [r["loss"] for r in graphed] == pytest.approx([r["loss"] for r in plain], rel=1e-4)
+    assert read_results(tmp_path / "graphs")["ppl"] == pytest.approx(read_results(tmp_path / "plain")["ppl"], rel=1e-3)
 
 
 def test_compiled_rwkv_regions_run_cold_and_from_a_warm_compile_cache(data_dir, tmp_path):

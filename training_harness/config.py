@@ -56,6 +56,10 @@ class TrainConfig:
         "help": "with --activation_checkpointing, recompute only the first N blocks (default: all); the memory "
                 "of the others' activations buys back their share of the recomputation"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each block and the loss"})
+    cuda_graphs: bool = field(default=False, metadata={
+        "help": "on one CUDA device, capture the forward and backward passes of a step as one CUDA graph (at the "
+                "second step) and replay it: for steps whose kernels the host cannot launch as fast as the GPU "
+                "runs them"})
     kernel_warmup: bool = field(default=True, metadata={
         "help": "on CUDA, for families that pin Triton kernels (RWKV-7, Mamba-2, Gated DeltaNet): compile them in "
                 "a helper process while the first step compiles the rest (its output: kernel_warmup.log)"})
@@ -96,6 +100,8 @@ class TrainConfig:
             (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be positive"),
             (self.checkpoint_blocks is None or (self.activation_checkpointing and self.checkpoint_blocks > 0),
              "checkpoint_blocks must be positive and needs --activation_checkpointing"),
+            (not (self.cuda_graphs and self.activation_checkpointing),
+             "cuda_graphs with activation_checkpointing is not supported; drop one of them"),
             (self.eval_windows >= 0, f"eval_windows must be 0 (all) or positive, got {self.eval_windows}"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (re.fullmatch(r"|cpu|cuda(:\d+)?", self.device) is not None,

@@ -24,6 +24,7 @@ from efficientllm_metrics import (
 )
 from training_harness import checkpoint, distributed, kernel_warmup
 from training_harness.config import TrainConfig
+from training_harness.cuda_graphs import Batch, GraphedStep
 from training_harness.data import TokenWindows, resolve_data_path
 from training_harness.errors import EXIT_INTERRUPTED, ConfigError, DataError
 from training_harness.lm import no_weight_decay, parameter_count
@@ -105,7 +106,9 @@ def compute_context(config: TrainConfig, device: torch.device) -> contextlib.Exi
     """bf16 autocast for bf16-mixed, and the chosen attention kernel."""
     stack = contextlib.ExitStack()
     if config.precision == "bf16-mixed":
-        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        # A CUDA graph cannot capture autocast's cache of cast weights; the casts are the same without it.
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not config.cuda_graphs)
+        stack.enter_context(autocast)
     if config.attention != "auto":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -145,6 +148,8 @@ class Trainer:
         self.step = 0
         self.kernel_warmup: kernel_warmup.KernelWarmup | None = None
         self.kernel_warmup_record: dict = {}
+        self.graphed_step: GraphedStep | None = None
+        self.first_step = 0  # of this process: the resumed step after --resume
 
     @property
     def micro_batch(self) -> int:
@@ -169,6 +174,9 @@ class Trainer:
         self.val_windows = TokenWindows(data_dir, "val", config.seq_len)
         meta = self.train_windows.meta
         micro_batch, accumulation = config.batch_plan(context.world_size)
+        if config.cuda_graphs and (not context.cuda_indices or context.world_size > 1):
+            raise ConfigError(f"--cuda_graphs runs on one CUDA device in one process, not on {context.device} "
+                              f"with {context.world_size} process(es); drop it")
         vocab_rows = self.family.vocab_rows(meta["vocab_size"], config.preset)
         if kernel_warmup.wanted(config, self.family, context):
             self.kernel_warmup = kernel_warmup.start(dataclasses.replace(config, device=str(context.device)),
@@ -206,6 +214,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
         if config.resume:
             self._resume()
+        self.first_step = self.step
         if context.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             self.log.keep_until(self.step)
@@ -318,32 +327,50 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- loop
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer iteration: accumulation over micro-batches, clipping, AdamW, schedule.
+        """One optimizer iteration: accumulation over micro-batches, clipping, AdamW, schedule. With
+        --cuda_graphs, the second step captures the forward and backward passes and every later step replays
+        them.
 
         Returns the summed micro-batch losses and the gradient norm, still on the device (no sync here).
         """
+        config = self.config
+        batches = [self._micro_batch(index) for index in range(self.accumulation)]
+        if config.cuda_graphs and self.graphed_step is None and self.step > self.first_step:
+            self.graphed_step = GraphedStep(self.model, self._forward_backward, batches)
+        if self.graphed_step is None:
+            loss_sum = self._forward_backward(batches)
+        else:
+            loss_sum = self.graphed_step.run(batches)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        if self.graphed_step is None:  # a replay overwrites the gradients its capture created
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_sum, grad_norm
+
+    def _micro_batch(self, index: int) -> Batch:
+        config, context = self.config, self.context
+        inputs, labels = self.train_windows.training_batch(
+            config.seed, self.step, index, context.rank, self.micro_batch, config.data_order, self.accumulation,
+            context.world_size)
+        return inputs.to(context.device, non_blocking=True), labels.to(context.device, non_blocking=True)
+
+    def _forward_backward(self, batches: list[Batch]) -> torch.Tensor:
+        """Forward and backward passes over the step's micro-batches, the gradients accumulated; the summed
+        losses."""
         config, context = self.config, self.context
         loss_sum = torch.zeros((), device=context.device)
-        for micro_step in range(self.accumulation):
-            inputs, labels = self.train_windows.training_batch(
-                config.seed, self.step, micro_step, context.rank, self.micro_batch, config.data_order,
-                self.accumulation, context.world_size)
-            inputs = inputs.to(context.device, non_blocking=True)
-            labels = labels.to(context.device, non_blocking=True)
-            last = micro_step == self.accumulation - 1
+        for index, (inputs, labels) in enumerate(batches):
+            last = index == len(batches) - 1
             # DDP all-reduces gradients only on the last micro-batch.
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with compute_context(config, context.device):
                     loss = self.model(inputs, labels)
                 self._finish_kernel_warmup()  # before any gradient exists, so the helper's memory is free by then
-                (loss / self.accumulation).backward()
+                (loss / len(batches)).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return loss_sum, grad_norm
+        return loss_sum
 
     def _finish_kernel_warmup(self) -> None:
         if self.kernel_warmup is None:
