@@ -299,6 +299,11 @@ class Monitor:
         window.energy_counter_j = self._energy_j[gpu]
         if window.energy_counter_j is None:
             window.reasons["energy_counter_j"] = "NVML total-energy counter unsupported on this GPU"
+        elif window.energy_counter_j <= 0:  # a working GPU draws power: the counter has not updated yet
+            window.energy_counter_j = None
+            window.reasons["energy_counter_j"] = (f"NVML total-energy counter did not advance over the "
+                                                  f"{self._energy_seconds:.3f} s window, shorter than its update "
+                                                  "period")
         return window
 
 

@@ -224,6 +224,24 @@ def test_paused_evaluation_is_outside_the_window():
     assert measurement.gpus[0].power_mean_w == pytest.approx(180.0)
 
 
+class StalledCounterGpu(FakeGpu):
+    """An energy counter that does not advance: NVML's, read twice within its update period."""
+
+    def energy_j(self, gpu):
+        return 5000.0
+
+
+def test_an_energy_counter_that_did_not_advance_is_no_measurement():
+    clock = FakeClock()
+    _, measurement = run_fake_training(clock, StalledCounterGpu(clock))
+    gpu = measurement.gpus[0]
+    assert gpu.energy_counter_j is None and "did not advance over the 4.000 s window" in gpu.reasons["energy_counter_j"]
+    doc = summarize(Run([measurement], params=1000, flops_per_token=None, validation=None), COMPLETED)
+    assert doc["energy_j"] == pytest.approx(1280.0)  # the integral of sampled power stands in, said so
+    assert "did not advance" in doc["provenance"]["methods"]["energy_j"]
+    assert doc["energy_cross_check"] is None
+
+
 def test_mfu_unknown_gpu_is_null_with_reason():
     value, reason = model_flops_utilization(1e9, 1e3, ["Mystery GPU"])
     assert value is None and "Mystery GPU" in reason
