@@ -60,6 +60,7 @@ class RunHeader:
     """Blocks recomputed when only the first few are (None: every block, or none without checkpointing)."""
     compile: bool | None = None
     attention: str | None = None
+    cuda_graphs: bool | None = None
     details: dict = field(default_factory=dict)
     """Figures of the outcome (memory at an out-of-memory error), written beside ``error``."""
 

@@ -253,7 +253,8 @@ def test_checkpoint_blocks_picks_the_first_blocks_and_refuses_too_many():
 def test_compiled_blocks_and_loss_follow_the_eager_loss_curve(data_dir, tmp_path):
     assert run_in_process(data_dir, tmp_path / "eager", "--max_steps", "3") == 0
     assert run_in_process(data_dir, tmp_path / "compiled", "--max_steps", "3", "--compile") == 0
-    assert read_results(tmp_path / "compiled")["compile"] is True
+    compiled = read_results(tmp_path / "compiled")
+    assert compiled["compile"] is True and compiled["cuda_graphs"] is False
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
 
 
@@ -295,7 +296,9 @@ def test_cuda_graph_steps_train_as_the_plain_steps_do(family, flags, data_dir, t
     assert len(graphed) == 6
     assert [r["grad_norm"] for r in graphed] == pytest.approx([r["grad_norm"] for r in plain], rel=1e-3)
     assert [r["loss"] for r in graphed] == pytest.approx([r["loss"] for r in plain], rel=1e-4)
-    assert read_results(tmp_path / "graphs")["ppl"] == pytest.approx(read_results(tmp_path / "plain")["ppl"], rel=1e-3)
+    results = read_results(tmp_path / "graphs")
+    assert results["cuda_graphs"] is True
+    assert results["ppl"] == pytest.approx(read_results(tmp_path / "plain")["ppl"], rel=1e-3)
 
 
 def test_compiled_rwkv_regions_run_cold_and_from_a_warm_compile_cache(data_dir, tmp_path):

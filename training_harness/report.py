@@ -53,11 +53,11 @@ RANKED = ["bpb", "amu_gb", "al_s_per_iter", "tt_tokens_per_param_s", "aec_w"]
 PUBLISHED_KEY = {"bpb": "ppl"}
 CSV_COLUMNS = ["model", "display_name", "size", "preset", "status", "reason", "params", "context", "steps",
                "global_batch", "world_size", "device_name", "kernel_path", "micro_batch_size", "accumulation_steps",
-               "activation_checkpointing", "checkpoint_blocks", "compile", "attention", "ppl", "bpb", "amu_gb",
-               "peak_memory_gb", "allocator_peak_allocated_gb", "al_s_per_iter", "al_p90_s", "tt_tokens_per_param_s",
-               "tokens_per_s", "aec_w", "energy_j", "energy_j_per_token", "sm_clock_mean_mhz", "mfu", "tokens",
-               "window_s", "measured_iterations", "warmup_iterations", "energy_integral_over_counter", "corpus",
-               "tokenizer", "training_tokens", "training_passes", "validation_windows", "final_train_loss",
+               "activation_checkpointing", "checkpoint_blocks", "compile", "attention", "cuda_graphs", "ppl", "bpb",
+               "amu_gb", "peak_memory_gb", "allocator_peak_allocated_gb", "al_s_per_iter", "al_p90_s",
+               "tt_tokens_per_param_s", "tokens_per_s", "aec_w", "energy_j", "energy_j_per_token", "sm_clock_mean_mhz",
+               "mfu", "tokens", "window_s", "measured_iterations", "warmup_iterations", "energy_integral_over_counter",
+               "corpus", "tokenizer", "training_tokens", "training_passes", "validation_windows", "final_train_loss",
                "final_val_loss", "train_val_gap", "commit", "dirty", "host"]
 MIN_WINDOW_ITERATIONS, MIN_WINDOW_S = 30, 30.0
 #: Validation loss this far (nats) above the final training loss flags memorisation.

@@ -62,7 +62,7 @@ class RunDescription:
             micro_batch_size=self.micro_batch_size, accumulation_steps=self.accumulation_steps,
             activation_checkpointing=self.config["activation_checkpointing"],
             checkpoint_blocks=self.config.get("checkpoint_blocks"), compile=self.config["compile"],
-            attention=self.config["attention"])
+            attention=self.config["attention"], cuda_graphs=self.config.get("cuda_graphs"))
 
 
 def versions() -> dict:

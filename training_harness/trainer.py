@@ -323,7 +323,7 @@ class Trainer:
                          display_name=self.family.display_name, size=config.model_size, preset=config.preset,
                          context=config.seq_len, steps=self.step, global_batch=config.global_batch,
                          activation_checkpointing=config.activation_checkpointing, compile=config.compile,
-                         attention=config.attention)
+                         attention=config.attention, cuda_graphs=config.cuda_graphs)
 
     # -------------------------------------------------------------------------------------------- loop
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
