@@ -10,7 +10,9 @@ sweep's GPU plan for the family and size), runs warm-up steps (compilation, auto
 then profiles ``--profile_steps`` and prints one JSON line: wall and kernel seconds per step, GPU busy
 share, kernel launches and the top kernels, and for each profiled step its wall and GPU-busy seconds and its
 longest wait, named by the kernel that ended it (profile a dozen steps to catch a run's slow ones).
-``--trace`` writes the profiled steps as a Chrome trace as well: what the host did during each wait.
+``--trace`` writes the profiled steps as a Chrome trace as well: what the host did during each wait. A step
+whose GPU-busy seconds fall well short of its wall seconds while its longest wait is short waits on the host's
+kernel launches, a little between every kernel; ``--cuda_graphs`` is for such steps.
 """
 
 from __future__ import annotations
