@@ -6,7 +6,8 @@
 
 The library's model as it ships (each family's ``stock`` in its model.py: transformers' Qwen2ForCausalLM and
 GPTNeoXForCausalLM with SDPA attention, mamba-ssm's MambaLMHeadModel, flash-linear-attention's
-RWKV7ForCausalLM) at the family's shape, bf16 weights, eager, the library's own loss. One optimizer step does
+RWKV7ForCausalLM) at the family's shape, bf16 weights, eager, the library's own loss, under the harness's
+allocator settings (training_harness.distributed.ALLOCATOR_SETTINGS). One optimizer step does
 the same work as the harness's: the spec's global batch as micro-batches of ``--micro_batch_size`` (default:
 the sweep's GPU plan) with gradient accumulation, clipping at 1.0, fused AdamW. Prints one JSON line, with
 the energy per token, mean power and mean SM clock over the steps after the first, measured as the harness
@@ -24,6 +25,7 @@ import sys
 import torch
 
 from training_harness.config import SPEC_GLOBAL_BATCH
+from training_harness.distributed import allocator_settings, configure_allocator
 from training_harness.profiling import measured_steps, profile_steps, speed
 from training_harness.registry import SIZES, family_names, get_family
 from training_harness.sweep import gpu_plan
@@ -50,6 +52,7 @@ def main() -> int:
     micro = args.micro_batch_size or gpu_plan(args.family, args.size).get("micro_batch_size", 1)
     if global_batch % micro:
         parser.error(f"--micro_batch_size {micro} does not divide the global batch {global_batch}")
+    configure_allocator()  # the harness's, so that both sides' memory compares
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = family.stock.build(family.shape(args.size, "paper"), family.default_vocab_rows("paper"))
@@ -73,7 +76,8 @@ def main() -> int:
                           "error": f"out of memory at micro-batch {micro}"}))
         return 0
     row = {"family": args.family, "size": args.size, "implementation": family.stock.name, "micro_batch_size": micro,
-           "global_batch": global_batch, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+           "global_batch": global_batch, "cuda_allocator": allocator_settings(),
+           "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
            **speed(times[1:] or times, global_batch * args.seq_len), "first_step_s": times[0],
            "step_s": [round(t, 4) for t in times], **energy}
     if args.profile_steps:

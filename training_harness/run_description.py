@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from efficientllm_metrics import RunHeader
+from training_harness.distributed import allocator_settings
 
 CONFIG_FILE = "config.json"
 _CHECKOUT = Path(__file__).resolve().parents[1]
@@ -66,9 +67,10 @@ class RunDescription:
 
 
 def versions() -> dict:
-    """Python, torch, CUDA, the platform and each kernel library that is importable here."""
-    found = {"python": platform.python_version(), "torch": torch.__version__,
-             "cuda": torch.version.cuda, "platform": platform.platform()}
+    """Python, torch, CUDA and its allocator's settings, the platform and each kernel library that is importable
+    here."""
+    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+             "cuda_allocator": allocator_settings(), "platform": platform.platform()}
     for package in ("transformers", "mamba_ssm", "causal_conv1d", "fla", "triton"):
         module = sys.modules.get(package)
         if module is None:
