@@ -52,6 +52,20 @@ def test_tiny_model_learns_one_batch(name):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.parametrize("name", sorted(FAMILY_MODULES))
+def test_training_forward_draws_no_random_numbers(name):
+    """What lets recomputed blocks skip saving the RNG state under --cuda_graphs (trainer.recompute_blocks)."""
+    torch.manual_seed(0)
+    family = get_family(name)
+    model = family.build(family.shape("0.5B", "tiny"), VOCAB, "cpu", False).train()
+    tokens = torch.randint(0, VOCAB, (2, 33))
+    losses = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        losses.append(model(tokens[:, :-1], tokens[:, 1:]))
+    assert torch.equal(*losses)
+
+
 def test_paper_counts_match_docs():
     table = (ROOT / "docs" / "models.md").read_text().split("## `matched`")[0]
     documented = {(m[0], m[1]): int(m[2].replace(",", ""))

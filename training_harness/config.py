@@ -100,8 +100,6 @@ class TrainConfig:
             (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be positive"),
             (self.checkpoint_blocks is None or (self.activation_checkpointing and self.checkpoint_blocks > 0),
              "checkpoint_blocks must be positive and needs --activation_checkpointing"),
-            (not (self.cuda_graphs and self.activation_checkpointing),
-             "cuda_graphs with activation_checkpointing is not supported; drop one of them"),
             (self.eval_windows >= 0, f"eval_windows must be 0 (all) or positive, got {self.eval_windows}"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (re.fullmatch(r"|cpu|cuda(:\d+)?", self.device) is not None,

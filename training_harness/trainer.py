@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -100,6 +101,18 @@ def checkpointed_blocks(blocks: torch.nn.ModuleList, config: TrainConfig) -> set
     if count > len(blocks):
         raise ConfigError(f"--checkpoint_blocks {count} exceeds the model's {len(blocks)} blocks")
     return set(blocks[:count])
+
+
+def recompute_blocks(model: torch.nn.Module, blocks: set[torch.nn.Module], cuda_graphs: bool) -> None:
+    """Activation checkpointing of ``blocks``. Under --cuda_graphs without saving the RNG state for the
+    recomputation: a capture cannot read it, and no family draws random numbers in its forward pass."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    wrapper = functools.partial(checkpoint_wrapper, preserve_rng_state=not cuda_graphs)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=blocks.__contains__)
 
 
 def compute_context(config: TrainConfig, device: torch.device) -> contextlib.ExitStack:
@@ -206,9 +219,7 @@ class Trainer:
         if config.compile:
             model.compile_regions()
         if config.activation_checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-            apply_activation_checkpointing(model, check_fn=checkpointed_blocks(model.blocks, config).__contains__)
+            recompute_blocks(model, checkpointed_blocks(model.blocks, config), config.cuda_graphs)
         self.model = distributed.wrap(model, context, config.fsdp)
         self.optimizer = build_optimizer(self.model, config, context.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
