@@ -1,5 +1,6 @@
 """Every family: tiny shapes learn, counts match the docs, reference paths match recurrences and kernels."""
 
+import copy
 import importlib.util
 import math
 import re
@@ -64,6 +65,31 @@ def test_training_forward_draws_no_random_numbers(name):
         torch.manual_seed(seed)
         losses.append(model(tokens[:, :-1], tokens[:, 1:]))
     assert torch.equal(*losses)
+
+
+@pytest.mark.parametrize("name", ["qwen", "pythia"])
+def test_transformers_attention_is_sdpa_causal_without_a_mask_even_during_a_graph_capture(name, monkeypatch):
+    """Some transformers releases build a full (T, T) mask while a CUDA graph captures, which a replay would
+    then use; the backbone's attention must be SDPA's causal path either way, equal to the library's own."""
+    torch.manual_seed(0)
+    family = get_family(name)
+    model = family.build(family.shape("0.5B", "tiny"), VOCAB, "cpu", False)
+    library = copy.deepcopy(model.backbone.model)
+    library.set_attn_implementation("sdpa")
+    tokens = torch.randint(0, VOCAB, (2, 32))
+    expected = library(input_ids=tokens, use_cache=False).last_hidden_state
+    sdpa = F.scaled_dot_product_attention
+    calls = []
+
+    def recording_sdpa(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    hidden = model.backbone(tokens)
+    assert calls == [(None, True)] * len(model.blocks)
+    torch.testing.assert_close(hidden, expected)
 
 
 def test_paper_counts_match_docs():

@@ -87,12 +87,36 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return total / labels.numel()
 
 
+#: transformers' SDPA attention without its mask step (``TransformersBackbone``).
+CAUSAL_SDPA = "causal_sdpa"
+
+
+def _no_mask(*args, **kwargs) -> None:
+    return None  # SDPA's is_causal alone: every window is one causal sequence, never padded
+
+
+def register_causal_sdpa() -> str:
+    """Register CAUSAL_SDPA with transformers and return its name: the library's own SDPA attention, and a mask
+    step that builds no mask. transformers' mask step decides at each forward whether SDPA's ``is_causal``
+    suffices, reading a value back from the GPU to decide (a host synchronisation per micro-batch), and during
+    a CUDA graph's capture it builds the full (T, T) mask instead, which changes the attention kernel that
+    the graph replays."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    AttentionMaskInterface.register(CAUSAL_SDPA, _no_mask)
+    return CAUSAL_SDPA
+
+
 class TransformersBackbone(nn.Module):
     """A ``transformers`` base model (Qwen2Model, GPTNeoXModel, ...) as a backbone: hidden states after the
-    final norm, its decoder layers as ``blocks`` and its input embedding."""
+    final norm, its decoder layers as ``blocks`` and its input embedding. Its attention is CAUSAL_SDPA."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        model.set_attn_implementation(register_causal_sdpa())
         self.model = model
 
     # Properties, not attributes: assigning the submodules again would register them twice.
