@@ -187,9 +187,12 @@ class Trainer:
         self.val_windows = TokenWindows(data_dir, "val", config.seq_len)
         meta = self.train_windows.meta
         micro_batch, accumulation = config.batch_plan(context.world_size)
-        if config.cuda_graphs and (not context.cuda_indices or context.world_size > 1):
-            raise ConfigError(f"--cuda_graphs runs on one CUDA device in one process, not on {context.device} "
-                              f"with {context.world_size} process(es); drop it")
+        if config.cuda_graphs and context.world_size > 1:  # a plan's flag (Mamba-2 3B) in a sweep on several GPUs
+            self.log.say(f"WARNING: --cuda_graphs captures one process's step; these {context.world_size} "
+                         "processes run without graphs")
+            self.config = config = dataclasses.replace(config, cuda_graphs=False)
+        if config.cuda_graphs and not context.cuda_indices:
+            raise ConfigError(f"--cuda_graphs captures CUDA work; drop it on {context.device}")
         vocab_rows = self.family.vocab_rows(meta["vocab_size"], config.preset)
         if kernel_warmup.wanted(config, self.family, context):
             self.kernel_warmup = kernel_warmup.start(dataclasses.replace(config, device=str(context.device)),
