@@ -118,8 +118,10 @@ def build_stock(shape: dict, vocab_size: int) -> nn.Module:
 FAMILY = ModelFamily(
     name="mamba2", display_name="Mamba-2", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=ssd_flops_per_token,
-    # device peaks 29.2, 60.3 and 81.7 GB on an H200 (docs/performance.md)
-    gpu_plan={"0.5B": {"micro_batch_size": 8}, "1.5B": {"micro_batch_size": 4}, "3B": {"micro_batch_size": 1}},
+    # device peaks 29.2, 60.3 and 78.2 GB on an H200 (docs/performance.md); at 3B the host cannot launch the
+    # step's ~11,000 kernels as fast as the GPU runs them, so its forward and backward replay as a CUDA graph
+    gpu_plan={"0.5B": {"micro_batch_size": 8}, "1.5B": {"micro_batch_size": 4},
+              "3B": {"micro_batch_size": 1, "cuda_graphs": True}},
     pinned_kernels="mamba_ssm.ops.triton.ssd_combined",
     stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba2; fused add+RMSNorm, residual in fp32)", build_stock,
                          stock_loss),
