@@ -4,20 +4,21 @@
     python scripts/benchmark_training_step.py --qwen_data DIR --neox_data DIR [--families qwen,rwkv]
         [--sizes 0.5B] [--preset paper] [--steps 12] [--variant NAME="FLAGS" ...] [--stock] [--rounds 2]
 
-Each family x size x variant runs the real training script in a fresh process (so the first step is
-cold: compilation and autotuning included) at the spec's global batch; a variant is a name and the
-training flags it adds (default: one variant, "plan", the sweep's plan for that family and size:
-each family's ``gpu_plan``, compiled). --stock also times the family's stock implementation
-(scripts/benchmark_stock_reference.py, paper shapes) at the first variant's micro-batch and at micro-batch
-1, each in a fresh process, and the speed-up compares equal micro-batches and equal tokens per optimizer
-step. --rounds repeats the whole sequence, so every figure has a spread. first_step_compile_s is the part of
-the first step the training process spent compiling Triton kernels (the libraries'; inductor compiles in its
-workers); kernel_warmup_wait_s, how long it waited for the helper that compiles them beside the first step
-(training_harness/kernel_warmup.py; a variant with ``--no-kernel_warmup`` times a run without it). Every row
-keeps its steps' losses and seconds, the UTC time its process started, and its energy per token, mean power
-and mean SM clock over the timed steps: at a GPU's power cap the clock, and tokens/s with it, depend on how
-densely a step draws power, so two rows compare only at similar clocks. Prints one table and writes the rows
-as JSON (default docs/benchmarks/training_step_<gpu>.json).
+Each family x size x variant runs the real training script in a fresh process (so the first step is cold:
+compilation and autotuning included) at the spec's global batch; a variant is a name and the training flags it
+adds (default: one variant, "plan", the sweep's plan for that family and size: each family's ``gpu_plan``,
+compiled). --stock also times the family's stock implementation (scripts/benchmark_stock_reference.py, paper
+shapes) at the first variant's micro-batch and at micro-batch 1, each in a fresh process, and the speed-up
+compares equal micro-batches and equal tokens per optimizer step; where the stock model allocates more than an
+80 GB card holds at that micro-batch, it is also timed at the largest (halving) that fits, for
+``speedup_vs_stock_fitting``. --rounds repeats the whole sequence, so every figure has a spread.
+first_step_compile_s is the part of the first step the training process spent compiling Triton kernels (the
+libraries'; inductor compiles in its workers); kernel_warmup_wait_s, how long it waited for the helper that
+compiles them beside the first step (training_harness/kernel_warmup.py; a variant with ``--no-kernel_warmup``
+times a run without it). Every row keeps its steps' losses and seconds, the UTC time its process started, and
+its energy per token, mean power and mean SM clock over the timed steps: at a GPU's power cap the clock, and
+tokens/s with it, depend on how densely a step draws power, so two rows compare only at similar clocks. Prints
+one table and writes the rows as JSON (default docs/benchmarks/training_step_<gpu>.json).
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("round", "family", "size", "variant", "micro", "status", "params_m", "tokens_per_s", "mfu", "s_per_iter",
            "peak_alloc_gb", "peak_device_gb", "first_step_s", "first_step_compile_s", "kernel_warmup_wait_s",
            "process_s", "energy_j_per_token", "sm_clock_mean_mhz", "stock_tokens_per_s", "speedup_vs_stock",
-           "stock_mb1_tokens_per_s")
+           "stock_fitting_micro", "speedup_vs_stock_fitting", "stock_mb1_tokens_per_s")
+
+#: The card the GPU plans are for: a stock model whose allocator peak passes this at the harness's micro-batch
+#: does not fit it (an H100 80GB has 85.5 GB, the rest for the CUDA context and the allocator's cache).
+PLAN_MEMORY_GB = 80
 
 
 def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) -> dict:
@@ -104,21 +109,37 @@ def stock_reference(family: str, size: str, micro_batch_size: int, steps: int) -
 
 
 def stock_rows(family: str, size: str, harness: dict, steps: int, round_index: int) -> list[dict]:
-    """The stock model at the harness row's micro-batch (its speed-up goes into that row) and at 1."""
+    """The stock model at the harness row's micro-batch (its speed-up goes into that row), at the largest
+    micro-batch that fits PLAN_MEMORY_GB where that one does not (``speedup_vs_stock_fitting``), and at 1."""
     micro = harness.get("micro") or 1
-    same = stock_reference(family, size, micro, steps)
-    if same.get("tokens_per_s") and harness.get("tokens_per_s"):
-        harness.update(stock_tokens_per_s=same["tokens_per_s"],
-                       speedup_vs_stock=harness["tokens_per_s"] / same["tokens_per_s"])
-    single = stock_reference(family, size, 1, steps) if micro != 1 else same
-    harness["stock_mb1_tokens_per_s"] = single.get("tokens_per_s")
+    timed = {micro: stock_reference(family, size, micro, steps)}
+    harness.update(stock_tokens_per_s=timed[micro].get("tokens_per_s"), speedup_vs_stock=speedup(harness, timed[micro]))
+    fitting = micro
+    while fitting > 1 and not fits(timed[fitting]):
+        fitting //= 2
+        timed[fitting] = stock_reference(family, size, fitting, steps)
+    if fitting != micro:
+        harness.update(stock_fitting_micro=fitting, speedup_vs_stock_fitting=speedup(harness, timed[fitting]))
+    if 1 not in timed:
+        timed[1] = stock_reference(family, size, 1, steps)
+    harness["stock_mb1_tokens_per_s"] = timed[1].get("tokens_per_s")
     return [{"round": round_index, "family": family, "size": size, "variant": "stock",
              "micro": stock.get("micro_batch_size"), "status": stock.get("error", "completed"),
              "params_m": stock.get("params_m"), "tokens_per_s": stock.get("tokens_per_s"),
              "s_per_iter": stock.get("s_per_step"), "peak_alloc_gb": stock.get("peak_alloc_gb"),
              "first_step_s": stock.get("first_step_s"), "started_utc": stock.get("started_utc"),
              **{name: stock.get(name) for name in ENERGY_METRICS}, "stock": stock}
-            for stock in ([same, single] if micro != 1 else [same])]
+            for stock in timed.values()]
+
+
+def fits(stock: dict) -> bool:
+    return "error" not in stock and (stock.get("peak_alloc_gb") or 0) <= PLAN_MEMORY_GB
+
+
+def speedup(harness: dict, stock: dict) -> float | None:
+    """The harness row's tokens/s over the stock row's, where both were measured."""
+    both = harness.get("tokens_per_s") and stock.get("tokens_per_s")
+    return harness["tokens_per_s"] / stock["tokens_per_s"] if both else None
 
 
 def cell(value) -> str:
