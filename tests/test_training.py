@@ -276,19 +276,22 @@ def test_compiled_regions_lower_their_backward_with_their_forward(data_dir, tmp_
     assert "DYNAMO" in triggers and "LAZY_BACKWARD" not in triggers
 
 
-def test_runs_use_expandable_allocator_segments_unless_the_user_chose_settings(data_dir, tmp_path, monkeypatch):
+def test_gpu_runs_use_expandable_allocator_segments_unless_the_user_chose_settings(data_dir, tmp_path, monkeypatch):
     for name in distributed.ALLOCATOR_VARIABLES:
         monkeypatch.setenv(name, "")  # unset, and restored after the test
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # as in a fresh process, on a GPU too
-    assert run_in_process(data_dir, tmp_path / "default", "--max_steps", "1") == 0
+    assert run_in_process(data_dir, tmp_path / "cpu", "--max_steps", "1") == 0
+    assert not os.environ["PYTORCH_CUDA_ALLOC_CONF"]  # --device cpu: no CUDA allocator to set
+    assert run_in_process(data_dir, tmp_path / "default", "--max_steps", "1", "--device", "") == 0
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == distributed.ALLOCATOR_SETTINGS == "expandable_segments:True"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.8")
     assert run_in_process(data_dir, tmp_path / "chosen", "--max_steps", "1") == 0
     assert not os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     recorded = {run: json.loads((tmp_path / run / "config.json").read_text())["versions"]["cuda_allocator"]
-                for run in ("default", "chosen")}
-    assert recorded == {"default": "expandable_segments:True", "chosen": "garbage_collection_threshold:0.8"}
+                for run in ("cpu", "default", "chosen")}
+    assert recorded == {"cpu": None, "default": "expandable_segments:True",
+                        "chosen": "garbage_collection_threshold:0.8"}
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_run(data_dir, tmp_path, capsys):

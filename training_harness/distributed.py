@@ -51,12 +51,13 @@ def allocator_settings() -> str | None:
 
 
 def setup(device_arg: str) -> ProcessContext:
-    """The process's device, with the harness's allocator settings; under torchrun (WORLD_SIZE > 1) also the
-    process group.
+    """The process's device, with the harness's allocator settings unless it is the CPU; under torchrun
+    (WORLD_SIZE > 1) also the process group.
 
     Multi-node runs use torchrun's rendezvous variables (MASTER_ADDR, MASTER_PORT, RANK, ...).
     """
-    configure_allocator()
+    if not device_arg.startswith("cpu"):
+        configure_allocator()
     requested = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if requested.startswith("cuda") and not torch.cuda.is_available():
