@@ -255,7 +255,8 @@ FAMILY = ModelFamily(
     name="rwkv", display_name="RWKV-7", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=wkv_flops_per_token,
     gpu_plan={"0.5B": {"micro_batch_size": 4}, "1.5B": {"micro_batch_size": 1},
-              "3B": {"micro_batch_size": 1, "activation_checkpointing": True, "checkpoint_blocks": 34}},
+              "3B": {"micro_batch_size": 1, "activation_checkpointing": True, "checkpoint_blocks": 32,
+                     "cuda_graphs": True}},  # device peak 79 GB
     published_ranks={"ppl": 3, "amu_gb": 2, "al_s_per_iter": 2, "tt_tokens_per_param_s": 2, "aec_w": 2},
     pinned_kernels="fla.ops.rwkv7",
     stock=StockReference("flash-linear-attention RWKV7ForCausalLM (fused norms and cross-entropy)", build_stock,

@@ -64,7 +64,8 @@ def test_generated_paper_configs_carry_the_gpu_plan(tmp_path):
             get_family(config.model).gpu_plan[config.model_size].get("activation_checkpointing", False))
         flags = parse_config(["--model_size", config.model_size, "--data_path", "data", "--output_dir", "o",
                               *plan_flags(config.model, config.model_size)], config.model, "")
-        planned = ("micro_batch_size", "activation_checkpointing", "checkpoint_blocks", "compile", "attention")
+        planned = ("micro_batch_size", "activation_checkpointing", "checkpoint_blocks", "compile", "attention",
+                   "cuda_graphs")
         assert [getattr(flags, key) for key in planned] == [getattr(config, key) for key in planned]
     tiny = json.loads(generate(["rwkv"], ["3B"], "tiny", 10, 64, "data", tmp_path / "tiny", {})[0].read_text())
     assert not tiny["compile"] and not tiny["activation_checkpointing"] and "micro_batch_size" not in tiny
