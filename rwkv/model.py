@@ -180,8 +180,10 @@ class RWKV7Block(nn.Module):
         self.ffn = ChannelMix(d_model, layer, layers)
 
     def forward(self, x: torch.Tensor, v_first: torch.Tensor | None):
-        x, inputs, gate, v_first = self.before_wkv(x, v_first)
-        return self.after_wkv(x, self.att.wkv(*inputs), inputs, gate), v_first
+        """The block's output and, from the first block only, the values every later block mixes in: a block
+        that handed back its v_first input would hand FSDP2 a view of it to hook."""
+        x, inputs, gate, values = self.before_wkv(x, v_first)
+        return self.after_wkv(x, self.att.wkv(*inputs), inputs, gate), (values if v_first is None else None)
 
     def before_wkv(self, x: torch.Tensor, v_first: torch.Tensor | None):
         if self.ln0 is not None:
@@ -212,7 +214,8 @@ class RWKV7Backbone(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x, v_first = self.embedding(input_ids), None  # (B, T, C)
         for block in self.blocks:
-            x, v_first = block(x, v_first)
+            x, first_values = block(x, v_first)
+            v_first = first_values if v_first is None else v_first
         return self.ln_out(x)
 
 
