@@ -84,6 +84,15 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def mean_over_ranks(value: torch.Tensor, context: ProcessContext) -> torch.Tensor:
+    """A per-rank value averaged over the ranks (summed, then divided: gloo has no average reduction)."""
+    if not context.distributed:
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / context.world_size
+
+
 def barrier(context: ProcessContext) -> None:
     if context.distributed:
         dist.barrier()

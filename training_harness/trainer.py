@@ -428,7 +428,8 @@ class Trainer:
             monitor.iteration_done(tokens_per_step)
             self.step += 1
             now = time.perf_counter()
-            loss = (loss_sum / self.accumulation).item()  # the devices are synchronized: no stall here
+            # the global batch's loss, so that every rank logs it and stops together on a non-finite one
+            loss = (distributed.mean_over_ranks(loss_sum, self.context) / self.accumulation).item()
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss is {loss} at step {self.step}")
             self.log.step({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
