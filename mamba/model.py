@@ -104,7 +104,8 @@ class MambaBlock(nn.Module):
         return self.mixer.scan(xz, hidden.shape[0]), residual
 
     def prepare(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = (hidden if residual is None else residual + hidden).float()
+        # the first block copies the embedding: handing back its own input would hand FSDP2 a view to hook
+        residual = hidden.to(torch.float32, copy=True) if residual is None else (residual + hidden).float()
         return self.mixer.project_in(self.norm(residual.to(self.norm.weight.dtype))), residual
 
     def compile_regions(self, **kwargs) -> None:

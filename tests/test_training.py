@@ -356,11 +356,12 @@ def test_compiled_run_never_pickles_into_the_autograd_cache(data_dir, tmp_path, 
     assert saved == []
 
 
-def test_two_process_fsdp2_run_trains_as_one_process_does(data_dir, tmp_path):
+@pytest.mark.parametrize("family", ["rwkv", "mamba"])  # blocks that pass a tensor on to later blocks
+def test_two_process_fsdp2_run_trains_as_one_process_does(family, data_dir, tmp_path):
     """The same global batch sharded over two processes: the same logged losses (the global batch's, not
     rank 0's half) and gradient norms as one process accumulating it, and no warning from FSDP2."""
     output = tmp_path / "fsdp"
-    script = str(ROOT / "rwkv" / "train_rwkv_fineweb.py")
+    script = str(ROOT / family / f"train_{family}_fineweb.py")
     common = ["--data_path", data_dir, "--max_steps", "4", *TINY]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              script, *common, "--output_dir", str(output), "--fsdp"],
@@ -370,10 +371,10 @@ def test_two_process_fsdp2_run_trains_as_one_process_does(data_dir, tmp_path):
     results = read_results(output)
     assert results["status"] == "completed" and results["world_size"] == 2 and results["ppl"] > 1
     assert (output / "checkpoint" / "model.safetensors").stat().st_size > 0
-    assert main("rwkv", [*common, "--output_dir", str(tmp_path / "one")]) == 0
+    assert main(family, [*common, "--output_dir", str(tmp_path / "one")]) == 0
     sharded, single = step_records(output), step_records(tmp_path / "one")
-    assert [r["loss"] for r in sharded] == pytest.approx([r["loss"] for r in single], rel=1e-4)
-    assert [r["grad_norm"] for r in sharded] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
+    assert [r["loss"] for r in sharded] == pytest.approx([r["loss"] for r in single], rel=1e-3)  # bf16 autocast
+    assert [r["grad_norm"] for r in sharded] == pytest.approx([r["grad_norm"] for r in single], rel=1e-3)
 
 
 def test_periodic_evaluation_is_logged_and_kept_out_of_the_window(data_dir, tmp_path):
