@@ -194,6 +194,23 @@ def test_two_process_gloo_run_combines_ranks_and_runs_a_plans_cuda_graphs_flag_w
     assert (output / "efficientllm_timeline_rank1.csv").exists()
 
 
+def test_a_fault_in_a_finished_ranks_interpreter_teardown_costs_nothing(data_dir, tmp_path):
+    """A torchrun process whose results are written leaves without the interpreter's teardown, where torch's
+    gloo and FSDP2 objects have aborted finished ranks: here every worker is made to abort there."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text("import atexit, os\n\nif 'RANK' in os.environ:\n"
+                                            "    atexit.register(os.abort)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    output = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "pythia" / "train_pythia_fineweb.py"), "--data_path", data_dir,
+                             "--output_dir", str(output), "--max_steps", "2", *TINY],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_results(output)["status"] == "completed"
+
+
 def test_config_file_and_flags(tmp_path):
     config_file = tmp_path / "run.json"
     config_file.write_text(json.dumps({"model": "rwkv", "model_size": "1.5B", "data_path": "d", "output_dir": "o",

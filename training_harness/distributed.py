@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -59,7 +61,7 @@ def setup(device_arg: str) -> ProcessContext:
     if not device_arg.startswith("cpu"):
         configure_allocator()
     requested = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {requested} but CUDA is not available; use --device cpu")
     if world_size == 1:
@@ -77,6 +79,20 @@ def setup(device_arg: str) -> ProcessContext:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return ProcessContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started for the run (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def exit_process(exit_code: int) -> NoReturn:
+    """End a torchrun process whose results are written without the interpreter's teardown, in which finished
+    ranks have aborted (SIGABRT, "terminate called without an active exception"; docs/reliability.md) and
+    torchrun then reported the run failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def teardown() -> None:

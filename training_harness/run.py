@@ -62,9 +62,13 @@ def train(config: TrainConfig) -> int:
     if not os.access(output, os.W_OK | os.X_OK):
         raise ConfigError(f"--output_dir {output}: not writable by this user; choose another folder")
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other processes: rank 0 holds the folder's lock
-        return _train(config, output)
-    with exclusive(output, "a run folder"):
-        return _train(config, output)
+        exit_code = _train(config, output)
+    else:
+        with exclusive(output, "a run folder"):
+            exit_code = _train(config, output)
+    if distributed.launched_world_size() > 1:
+        distributed.exit_process(exit_code)
+    return exit_code
 
 
 def _train(config: TrainConfig, output: Path) -> int:
