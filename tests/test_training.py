@@ -195,8 +195,8 @@ def test_two_process_gloo_run_combines_ranks_and_runs_a_plans_cuda_graphs_flag_w
 
 
 def test_a_fault_in_a_finished_ranks_interpreter_teardown_costs_nothing(data_dir, tmp_path):
-    """A torchrun process whose results are written leaves without the interpreter's teardown, where torch's
-    gloo and FSDP2 objects have aborted finished ranks: here every worker is made to abort there."""
+    """A torchrun process whose results are written leaves without the interpreter's teardown, in which
+    finished ranks have aborted (docs/reliability.md): here every worker is made to abort there."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text("import atexit, os\n\nif 'RANK' in os.environ:\n"
