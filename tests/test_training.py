@@ -67,6 +67,14 @@ def run_in_process(data_dir, output, *extra):
     return main("qwen", ["--data_path", data_dir, "--output_dir", str(output), *TINY, *extra])
 
 
+def run_two_processes(family: str, data_dir, output, *extra, env=None) -> subprocess.CompletedProcess:
+    """The family's training script under torchrun, two processes on the CPU with tiny shapes."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / family / f"train_{family}_fineweb.py"), "--data_path", data_dir,
+                           "--output_dir", str(output), *TINY, *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
 def test_the_first_step_says_what_it_spent_compiling_triton_kernels(data_dir, tmp_path, monkeypatch, capsys):
     """A library kernel compiled at the first step (here through a stand-in for Triton's listener) is logged
     with that step, said on stderr, and no later step repeats it; the listener is given back at the end."""
@@ -180,10 +188,7 @@ def test_non_finite_loss_stops_the_run(data_dir, tmp_path, monkeypatch):
 
 def test_two_process_gloo_run_combines_ranks_and_runs_a_plans_cuda_graphs_flag_without_graphs(data_dir, tmp_path):
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "pythia" / "train_pythia_fineweb.py"), "--data_path", data_dir, "--output_dir", str(output),
-               "--max_steps", "6", "--cuda_graphs", *TINY]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run_two_processes("pythia", data_dir, output, "--max_steps", "6", "--cuda_graphs")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "WARNING: --cuda_graphs captures one process's step; these 2 processes run without graphs" in result.stderr
     results = read_results(output)
@@ -203,10 +208,7 @@ def test_a_fault_in_a_finished_ranks_interpreter_teardown_costs_nothing(data_dir
                                             "    atexit.register(os.abort)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
     output = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "pythia" / "train_pythia_fineweb.py"), "--data_path", data_dir,
-                             "--output_dir", str(output), "--max_steps", "2", *TINY],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = run_two_processes("pythia", data_dir, output, "--max_steps", "2", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_results(output)["status"] == "completed"
 
@@ -378,17 +380,14 @@ def test_two_process_fsdp2_run_trains_as_one_process_does(family, data_dir, tmp_
     """The same global batch sharded over two processes: the same logged losses (the global batch's, not
     rank 0's half) and gradient norms as one process accumulating it, and no warning from FSDP2."""
     output = tmp_path / "fsdp"
-    script = str(ROOT / family / f"train_{family}_fineweb.py")
-    common = ["--data_path", data_dir, "--max_steps", "4", *TINY]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             script, *common, "--output_dir", str(output), "--fsdp"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_two_processes(family, data_dir, output, "--max_steps", "4", "--fsdp")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "UserWarning" not in result.stderr
     results = read_results(output)
     assert results["status"] == "completed" and results["world_size"] == 2 and results["ppl"] > 1
     assert (output / "checkpoint" / "model.safetensors").stat().st_size > 0
-    assert main(family, [*common, "--output_dir", str(tmp_path / "one")]) == 0
+    assert main(family, ["--data_path", data_dir, "--output_dir", str(tmp_path / "one"), *TINY,
+                         "--max_steps", "4"]) == 0
     sharded, single = step_records(output), step_records(tmp_path / "one")
     assert [r["loss"] for r in sharded] == pytest.approx([r["loss"] for r in single], rel=1e-3)  # bf16 autocast
     assert [r["grad_norm"] for r in sharded] == pytest.approx([r["grad_norm"] for r in single], rel=1e-3)
