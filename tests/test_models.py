@@ -21,7 +21,7 @@ from gated_deltanet.delta_rule import gated_delta_rule_reference
 from gated_deltanet.short_conv import short_conv_fla, short_conv_reference
 from mamba2.ssd import ssd_scan
 from rwkv.wkv7 import wkv7_reference
-from training_harness.lm import linear_cross_entropy, matmul_params
+from training_harness.lm import linear_cross_entropy, matmul_params, softmax_cross_entropy_grad
 from training_harness.registry import FAMILY_MODULES, PAPER_FAMILIES, count_on_meta, get_family, resolve_families
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -459,6 +459,41 @@ def test_gated_deltanet_fla_kernel_matches_reference_with_gradients():
     torch.manual_seed(8)  # 201: not a multiple of the chunk length
     assert_kernel_matches_reference(
         lambda fused: gated_deltanet_model.GatedDeltaNetMixer(d_model=256, heads=2, head_dim=64, fused=fused), 201)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cross_entropy_kernel_matches_the_reference(dtype):
+    from training_harness.cross_entropy_kernel import softmax_cross_entropy_grad_
+
+    torch.manual_seed(9)  # 50,281 columns: not a multiple of the kernel's tile
+    logits = (4 * torch.randn(37, 50_281, device="cuda")).to(dtype)
+    labels = torch.randint(50_281, (37,), device="cuda")
+    ref_loss, ref_grad = softmax_cross_entropy_grad(logits, labels)
+    loss, grad = softmax_cross_entropy_grad_(logits.clone(), labels)
+    assert grad.dtype == dtype and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    tolerance = 2 ** -8 if dtype == torch.bfloat16 else 1e-5  # bf16: one rounding step below 1
+    assert (grad.float() - ref_grad.float()).abs().max().item() <= tolerance
+    labels[5] = 50_281  # outside the vocabulary: a NaN loss, not another row's logit
+    assert softmax_cross_entropy_grad_(logits.clone(), labels)[0].isnan()
+
+
+@cuda
+@pytest.mark.gpu
+def test_linear_cross_entropy_on_cuda_matches_the_reference_path():
+    torch.manual_seed(10)
+    hidden = torch.randn(2, 700, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(1_001, 64, device="cuda", requires_grad=True)
+    labels = torch.randint(1_001, (2, 700), device="cuda")
+    results = []
+    for loss_and_grad in (None, softmax_cross_entropy_grad):  # the kernel (CUDA's default), the reference
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(hidden, weight, labels, chunk_tokens=512, loss_and_grad=loss_and_grad)
+        results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
+    for got, want in zip(*results):
+        assert relative_error(got, want) < 1e-2
 
 
 def test_rwkv_flops_count_every_projection_including_the_low_rank_ones():

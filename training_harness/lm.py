@@ -37,6 +37,16 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def device_loss_and_grad(device: torch.device):
+    """The chunk loss for a device: on CUDA the Triton kernel (cross_entropy_kernel.py), which overwrites the
+    chunk's logits with their gradient in one kernel; elsewhere ``softmax_cross_entropy_grad``."""
+    if device.type == "cuda":
+        from training_harness.cross_entropy_kernel import softmax_cross_entropy_grad_
+
+        return softmax_cross_entropy_grad_
+    return softmax_cross_entropy_grad
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight^T, labels_i), one chunk of tokens at a time. The gradients are computed in
     the forward pass, so no chunk's logits outlive it and none is recomputed in the backward pass; the
@@ -65,13 +75,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_tokens: int = LOSS_CHUNK_TOKENS, loss_and_grad=softmax_cross_entropy_grad
-                         ) -> torch.Tensor:
+                         chunk_tokens: int = LOSS_CHUNK_TOKENS, loss_and_grad=None) -> torch.Tensor:
     """Mean next-token cross-entropy of the output head without the (tokens, vocab) logits in memory.
 
     hidden (..., D), weight (V, D), labels (...). The matrix products run in the autocast dtype when autocast
-    is on (bf16 on the GPU), else in hidden's dtype.
+    is on (bf16 on the GPU), else in hidden's dtype. ``loss_and_grad(logits, labels)`` computes each chunk's
+    summed loss and gradient (default: ``device_loss_and_grad``).
     """
+    loss_and_grad = loss_and_grad or device_loss_and_grad(hidden.device)
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
@@ -146,7 +157,7 @@ class CausalLM(nn.Module):
         self.backbone = backbone
         self.vocab_size = vocab_size
         self.kernel_path = kernel_path
-        self.loss_and_grad = softmax_cross_entropy_grad
+        self.loss_and_grad = None  # the device's (device_loss_and_grad) unless compile_regions compiles one
         self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
         if self.lm_head is not None and head_init_std is not None:
             nn.init.normal_(self.lm_head.weight, std=head_init_std)
@@ -167,9 +178,10 @@ class CausalLM(nn.Module):
         return linear_cross_entropy(hidden, self.head_weight, labels, loss_and_grad=self.loss_and_grad)
 
     def compile_regions(self, **kwargs) -> None:
-        """Regional compilation: each block (compiled once, reused by its identical siblings) and the
-        loss's softmax. A block with its own ``compile_regions`` chooses its regions (around a kernel that
-        dynamo cannot trace); elsewhere such kernels stay eager behind ``torch.compiler.disable``."""
+        """Regional compilation: each block (compiled once, reused by its identical siblings) and, off CUDA,
+        the loss's softmax (on CUDA a kernel of its own). A block with its own ``compile_regions`` chooses its
+        regions (around a kernel that dynamo cannot trace); elsewhere such kernels stay eager behind
+        ``torch.compiler.disable``."""
         apply_compile_workarounds()
         lower_backward_with_forward()
         for block in self.blocks:
@@ -177,7 +189,8 @@ class CausalLM(nn.Module):
                 block.compile_regions(**kwargs)
             else:
                 block.compile(**kwargs)
-        self.loss_and_grad = torch.compile(softmax_cross_entropy_grad, **kwargs)
+        if not self.head_weight.is_cuda:
+            self.loss_and_grad = torch.compile(softmax_cross_entropy_grad, **kwargs)
 
 
 def lower_backward_with_forward() -> None:

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Fused kernels against what the harness runs today, on one GPU (needs CUDA).
+
+    python scripts/benchmark_fused_kernels.py [--rounds 2] [--output FILE]
+
+Two parts, each timed with CUDA events over repeated calls after a warm-up, in rounds, the spread reported:
+- loss: the cross-entropy and its gradient over one (4096, vocabulary) chunk of bf16 logits, as the output
+  head's loss computes them, for Qwen2.5's and GPT-NeoX's vocabularies: the reference compiled as the harness
+  compiles it (``CausalLM.compile_regions``), the Triton kernel (``training_harness/cross_entropy_kernel.py``) at
+  several tile sizes, and liger-kernel's cross-entropy kernel where that package is installed.
+- blocks (with liger-kernel installed): forward and backward of four Qwen2.5 0.5B blocks under bf16 autocast
+  over fp32 weights, micro-batch 4 at 8192 tokens, compiled per block as the harness compiles them, with
+  transformers' RMSNorm, SwiGLU MLP and rotary embedding, then with liger-kernel's in their place.
+Prints one line per measurement and writes them as JSON (default: docs/benchmarks/fused_kernels_<gpu>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from efficientllm_metrics import write_json_atomic  # noqa: E402
+from training_harness import cross_entropy_kernel  # noqa: E402
+from training_harness.lm import softmax_cross_entropy_grad  # noqa: E402
+
+VOCABULARIES = {"qwen2.5": 151_936, "gpt-neox-20b": 50_304}
+CHUNK_TOKENS = 4096
+KERNEL_TILES = [(4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32)]
+
+
+def time_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def loss_candidates() -> dict[str, Callable]:
+    """name -> fn(logits, labels) returning (loss sum, gradient); the in-place ones get a fresh copy each call."""
+    compiled = torch.compile(softmax_cross_entropy_grad)
+    candidates = {"reference compiled": compiled}
+    for block, warps in KERNEL_TILES:
+        candidates[f"kernel {block}x{warps}"] = (
+            lambda x, y, b=block, w=warps: cross_entropy_kernel.softmax_cross_entropy_grad_(
+                x, y, block_columns=b, num_warps=w))
+    if importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.ops.cross_entropy import cross_entropy_forward
+
+        def liger(x, y):
+            loss, _, _, _, grad = cross_entropy_forward(x, y, None, -100, 0.0, 0.0, "sum", None, False)
+            return loss, grad
+        candidates["liger-kernel cross_entropy"] = liger
+    return candidates
+
+
+def bench_loss(rounds: int, reps: int) -> list[dict]:
+    return [row for name, vocab in VOCABULARIES.items() for row in bench_loss_case(f"{name} V={vocab}", vocab,
+                                                                                    rounds, reps)]
+
+
+def bench_loss_case(case: str, vocab: int, rounds: int, reps: int) -> list[dict]:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = (3 * torch.randn(CHUNK_TOKENS, vocab, device="cuda", generator=generator)).to(torch.bfloat16)
+    labels = torch.randint(vocab, (CHUNK_TOKENS,), device="cuda", generator=generator)
+    ref_loss, ref_grad = softmax_cross_entropy_grad(logits, labels)
+    scratch = torch.empty_like(logits)
+    rows = []
+    for candidate, fn in loss_candidates().items():
+        def call(fn=fn):
+            scratch.copy_(logits)  # every candidate pays the copy, so the in-place ones start from the logits
+            return fn(scratch, labels)
+        loss, grad = call()
+        error = {"loss_rel": abs(float(loss) / float(ref_loss) - 1),
+                 "grad_max_abs": float((grad.float() - ref_grad.float()).abs().max())}
+        times = [time_ms(call, reps) for _ in range(rounds)]
+        rows.append(record("loss", case, candidate, times, error))
+    copy = [time_ms(lambda: scratch.copy_(logits), reps) for _ in range(rounds)]
+    rows.append(record("loss", case, "the copy alone (in every row above)", copy, {}))
+    return rows
+
+
+def bench_blocks(rounds: int, reps: int) -> list[dict]:
+    if importlib.util.find_spec("liger_kernel") is None:
+        print("blocks: liger-kernel is not installed, skipped")
+        return []
+    rows = []
+    for variant in ("transformers", "liger rms_norm", "liger swiglu", "liger rms_norm+swiglu+rope"):
+        step = qwen_blocks_step(variant)
+        times = [time_ms(step, reps) for _ in range(rounds)]
+        rows.append(record("blocks", "Qwen2.5 0.5B, 4 blocks, micro-batch 4 x 8192", variant, times, {}))
+        torch.compiler.reset()
+    return rows
+
+
+def qwen_blocks_step(variant: str) -> Callable[[], None]:
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    from qwen.model import hf_config
+    from training_harness.lm import register_causal_sdpa
+
+    config = hf_config({"layers": 4, "d_model": 896, "heads": 14, "kv_heads": 2, "ffn": 4864}, 151_936)
+    config._attn_implementation = register_causal_sdpa()
+    original_rope = qwen2.apply_rotary_pos_emb
+    qwen2.apply_rotary_pos_emb = liger_rotary_pos_emb if "rope" in variant else original_rope
+    layers = torch.nn.ModuleList(qwen2.Qwen2DecoderLayer(config, i) for i in range(4)).cuda()
+    for layer in layers:
+        if "rms_norm" in variant:
+            layer.input_layernorm = LigerRMSNorm(896, eps=1e-6).cuda()
+            layer.post_attention_layernorm = LigerRMSNorm(896, eps=1e-6).cuda()
+        if "swiglu" in variant:
+            layer.mlp = LigerSwiGLUMLP(config).cuda()
+        layer.compile()
+    rotary = qwen2.Qwen2RotaryEmbedding(config).cuda()
+    hidden = torch.randn(4, 8192, 896, device="cuda", requires_grad=True)
+    positions = torch.arange(8192, device="cuda").unsqueeze(0)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            position_embeddings = rotary(hidden, positions)
+            x = hidden
+            for layer in layers:
+                x = layer(x, position_embeddings=position_embeddings)
+                x = x[0] if isinstance(x, tuple) else x  # transformers releases differ here
+        x.float().square().mean().backward()
+    return step
+
+
+def record(part: str, case: str, candidate: str, times: list[float], error: dict) -> dict:
+    row = {"part": part, "case": case, "candidate": candidate, "ms": [round(t, 4) for t in times],
+           "ms_median": round(statistics.median(times), 4), **error}
+    print(f"{part:6s} {case:46s} {candidate:40s} ms {' '.join(f'{t:8.3f}' for t in times)} "
+          + " ".join(f"{k} {v:.3g}" for k, v in error.items()), flush=True)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=20, help="calls per round")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmark_fused_kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 1
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, torch {torch.__version__}")
+    rows = bench_loss(args.rounds, args.reps) + bench_blocks(args.rounds, max(args.reps // 4, 3))
+    output = args.output or ROOT / "docs" / "benchmarks" / f"fused_kernels_{gpu.replace(' ', '_')}.json"
+    write_json_atomic(output, {"device": gpu, "torch": torch.__version__, "rows": rows})
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
