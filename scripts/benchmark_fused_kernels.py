@@ -155,6 +155,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20, help="calls per round")
+    parser.add_argument("--parts", default="loss,blocks", help="comma-separated: loss, blocks")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -162,7 +163,9 @@ def main() -> int:
         return 1
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}")
-    rows = bench_loss(args.rounds, args.reps) + bench_blocks(args.rounds, max(args.reps // 4, 3))
+    parts = args.parts.split(",")
+    rows = ((bench_loss(args.rounds, args.reps) if "loss" in parts else [])
+            + (bench_blocks(args.rounds, max(args.reps // 4, 3)) if "blocks" in parts else []))
     output = args.output or ROOT / "docs" / "benchmarks" / f"fused_kernels_{gpu.replace(' ', '_')}.json"
     write_json_atomic(output, {"device": gpu, "torch": torch.__version__, "rows": rows})
     print(f"wrote {output}")
