@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from efficientllm_metrics import write_json_atomic  # noqa: E402
-from training_harness import cross_entropy_kernel  # noqa: E402
 from training_harness.lm import softmax_cross_entropy_grad  # noqa: E402
 
 VOCABULARIES = {"qwen2.5": 151_936, "gpt-neox-20b": 50_304}
@@ -52,6 +51,8 @@ def time_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
 
 def loss_candidates() -> dict[str, Callable]:
     """name -> fn(logits, labels) returning (loss sum, gradient); the in-place ones get a fresh copy each call."""
+    from training_harness import cross_entropy_kernel  # Triton: imported only where it runs
+
     compiled = torch.compile(softmax_cross_entropy_grad)
     candidates = {"reference compiled": compiled}
     for block, warps in KERNEL_TILES:
@@ -62,6 +63,7 @@ def loss_candidates() -> dict[str, Callable]:
         from liger_kernel.ops.cross_entropy import cross_entropy_forward
 
         def liger(x, y):
+            x = x.detach().requires_grad_()  # the same storage; without requires_grad liger skips the gradient
             loss, _, _, _, grad = cross_entropy_forward(x, y, None, -100, 0.0, 0.0, "sum", None, False)
             return loss, grad
         candidates["liger-kernel cross_entropy"] = liger
@@ -153,10 +155,10 @@ def record(part: str, case: str, candidate: str, times: list[float], error: dict
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="timings of every measurement, for the spread")
     parser.add_argument("--reps", type=int, default=20, help="calls per round")
     parser.add_argument("--parts", default="loss,blocks", help="comma-separated: loss, blocks")
-    parser.add_argument("--output", type=Path)
+    parser.add_argument("--output", type=Path, help="JSON file (default: docs/benchmarks/fused_kernels_<gpu>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmark_fused_kernels.py needs a CUDA GPU", file=sys.stderr)

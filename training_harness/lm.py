@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch._functorch.config
 import torch.nn as nn
@@ -11,6 +13,9 @@ from training_harness.torch_workarounds import apply_compile_workarounds
 
 #: Tokens per cross-entropy chunk: 4096 x 151,936 bf16 logits are 1.2 GB.
 LOSS_CHUNK_TOKENS = 4096
+
+#: (logits, labels) -> (summed loss, gradient with respect to the logits): one chunk's loss.
+LossAndGrad = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -37,7 +42,7 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def device_loss_and_grad(device: torch.device):
+def device_loss_and_grad(device: torch.device) -> LossAndGrad:
     """The chunk loss for a device: on CUDA the Triton kernel (cross_entropy_kernel.py), which overwrites the
     chunk's logits with their gradient in one kernel; elsewhere ``softmax_cross_entropy_grad``."""
     if device.type == "cuda":
@@ -75,7 +80,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_tokens: int = LOSS_CHUNK_TOKENS, loss_and_grad=None) -> torch.Tensor:
+                         chunk_tokens: int = LOSS_CHUNK_TOKENS, loss_and_grad: LossAndGrad | None = None
+                         ) -> torch.Tensor:
     """Mean next-token cross-entropy of the output head without the (tokens, vocab) logits in memory.
 
     hidden (..., D), weight (V, D), labels (...). The matrix products run in the autocast dtype when autocast
