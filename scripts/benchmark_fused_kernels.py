@@ -100,10 +100,16 @@ def bench_blocks(rounds: int, reps: int) -> list[dict]:
     if importlib.util.find_spec("liger_kernel") is None:
         print("blocks: liger-kernel is not installed, skipped")
         return []
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    transformers_rope = qwen2.apply_rotary_pos_emb
     rows = []
     for variant in ("transformers", "liger rms_norm", "liger swiglu", "liger rms_norm+swiglu+rope"):
-        step = qwen_blocks_step(variant)
-        times = [time_ms(step, reps) for _ in range(rounds)]
+        try:
+            step = qwen_blocks_step(variant)
+            times = [time_ms(step, reps) for _ in range(rounds)]
+        finally:
+            qwen2.apply_rotary_pos_emb = transformers_rope  # a variant may have swapped liger's in
         rows.append(record("blocks", "Qwen2.5 0.5B, 4 blocks, micro-batch 4 x 8192", variant, times, {}))
         torch.compiler.reset()
     return rows
@@ -115,23 +121,23 @@ def qwen_blocks_step(variant: str) -> Callable[[], None]:
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
 
-    from qwen.model import hf_config
+    from qwen.model import SHAPES, hf_config
     from training_harness.lm import register_causal_sdpa
 
-    config = hf_config({"layers": 4, "d_model": 896, "heads": 14, "kv_heads": 2, "ffn": 4864}, 151_936)
+    config = hf_config({**SHAPES["paper"]["0.5B"], "layers": 4}, 151_936)
     config._attn_implementation = register_causal_sdpa()
-    original_rope = qwen2.apply_rotary_pos_emb
-    qwen2.apply_rotary_pos_emb = liger_rotary_pos_emb if "rope" in variant else original_rope
-    layers = torch.nn.ModuleList(qwen2.Qwen2DecoderLayer(config, i) for i in range(4)).cuda()
+    if "rope" in variant:
+        qwen2.apply_rotary_pos_emb = liger_rotary_pos_emb  # bench_blocks puts transformers' back
+    layers = torch.nn.ModuleList(qwen2.Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers)).cuda()
     for layer in layers:
         if "rms_norm" in variant:
-            layer.input_layernorm = LigerRMSNorm(896, eps=1e-6).cuda()
-            layer.post_attention_layernorm = LigerRMSNorm(896, eps=1e-6).cuda()
+            layer.input_layernorm = LigerRMSNorm(config.hidden_size, eps=config.rms_norm_eps).cuda()
+            layer.post_attention_layernorm = LigerRMSNorm(config.hidden_size, eps=config.rms_norm_eps).cuda()
         if "swiglu" in variant:
             layer.mlp = LigerSwiGLUMLP(config).cuda()
         layer.compile()
     rotary = qwen2.Qwen2RotaryEmbedding(config).cuda()
-    hidden = torch.randn(4, 8192, 896, device="cuda", requires_grad=True)
+    hidden = torch.randn(4, 8192, config.hidden_size, device="cuda", requires_grad=True)
     positions = torch.arange(8192, device="cuda").unsqueeze(0)
 
     def step() -> None:
