@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Where mamba-ssm's selective-scan kernels spend their time, at each Mamba size's plan (needs CUDA, mamba-ssm).
+
+    python scripts/benchmark_selective_scan.py [--sizes 0.5B,1.5B,3B] [--rounds 2] [--output FILE]
+
+Both the harness and the stock model run mamba-ssm's selective-scan CUDA kernels, which take over 60 % of a
+Mamba step (docs/performance.md), so no other change gets Mamba far past its stock model. This times those
+kernels' forward and backward (with the gate z, softplus on delta, D and a delta bias, as Mamba calls them)
+on the plan's micro-batch, 2 x d_model channels, 8192 steps and 16 states, with B and C three ways:
+- per sequence, one (N, L) pair read by every channel: Mamba's selective scan. The kernels give each channel a
+  thread block of its own, so each block reads all of B and C, and in the backward adds its share of their
+  gradients into float32 buffers with one atomic add per channel, state and step;
+- per group of 8 and of 64 channels: as many reads and atomic adds, spread over more addresses (contention);
+- constant per channel: neither the per-step reads of B and C nor any atomic add.
+Each timing is the median of --reps calls timed with CUDA events, after a warm-up; every round repeats all.
+Prints one line per timing and writes them as JSON (default docs/benchmarks/selective_scan_<gpu>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from efficientllm_metrics import write_json_atomic  # noqa: E402
+from mamba.model import D_STATE, EXPAND, FAMILY, SHAPES  # noqa: E402
+
+SEQ_LEN = 8192
+VARIANTS = {"per sequence": 1, "per 8 channels": 8, "per 64 channels": 64, "constant": None}
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def scan_inputs(batch: int, channels: int, channels_per_group: int | None) -> dict[str, torch.Tensor]:
+    """Random inputs in the kernels' layouts (bf16 activations, float32 parameters), B and C shared by groups of
+    ``channels_per_group`` channels (None: constant per channel)."""
+    def bf16(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+    if channels_per_group is None:
+        B, C = (torch.randn(channels, D_STATE, device="cuda") for _ in range(2))
+    else:
+        B, C = (bf16(batch, channels // channels_per_group, D_STATE, SEQ_LEN) for _ in range(2))
+    return {"u": bf16(batch, channels, SEQ_LEN), "delta": bf16(batch, channels, SEQ_LEN) * 0.5 - 1.0,
+            "A": -torch.rand(channels, D_STATE, device="cuda") * D_STATE - 0.5, "B": B, "C": C,
+            "D": torch.randn(channels, device="cuda"), "z": bf16(batch, channels, SEQ_LEN),
+            "delta_bias": torch.randn(channels, device="cuda") * 0.3, "dout": bf16(batch, channels, SEQ_LEN)}
+
+
+def time_scan(batch: int, channels: int, channels_per_group: int | None, reps: int) -> tuple[float, float]:
+    import selective_scan_cuda  # mamba-ssm's extension
+
+    x = scan_inputs(batch, channels, channels_per_group)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
+    out, states, _ = selective_scan_cuda.fwd(*args, True)
+    forward = median_ms(lambda: selective_scan_cuda.fwd(*args, True), reps)
+    # The backward as mamba_inner_fn calls it: dz written, out * silu(z) recomputed.
+    backward = median_ms(lambda: selective_scan_cuda.bwd(*args, x["dout"], states, out, None, True, True), reps)
+    return forward, backward
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="0.5B,1.5B,3B", help="comma-separated Mamba sizes (paper shapes)")
+    parser.add_argument("--rounds", type=int, default=2, help="repeat every timing, for the spread")
+    parser.add_argument("--reps", type=int, default=10, help="timed calls per median")
+    parser.add_argument("--output", type=Path, help="JSON file (default: docs/benchmarks/selective_scan_<gpu>.json)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmark_selective_scan.py needs a CUDA GPU", file=sys.stderr)
+        return 1
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, torch {torch.__version__}")
+    rows = []
+    for round_index in range(args.rounds):
+        for size in args.sizes.split(","):
+            batch = FAMILY.gpu_plan[size]["micro_batch_size"]
+            channels = EXPAND * SHAPES["paper"][size]["d_model"]
+            for variant, channels_per_group in VARIANTS.items():
+                forward, backward = time_scan(batch, channels, channels_per_group, args.reps)
+                rows.append({"round": round_index, "size": size, "batch": batch, "channels": channels,
+                             "B_and_C": variant, "forward_ms": round(forward, 3), "backward_ms": round(backward, 3)})
+                print(f"round {round_index} {size:>4} batch {batch} x {channels} channels, B and C {variant:>16}: "
+                      f"forward {forward:6.3f} ms, backward {backward:6.3f} ms", flush=True)
+                torch.cuda.empty_cache()
+    output = args.output or ROOT / "docs" / "benchmarks" / f"selective_scan_{gpu.replace(' ', '_')}.json"
+    write_json_atomic(output, {"device": gpu, "torch": torch.__version__, "seq_len": SEQ_LEN, "d_state": D_STATE,
+                               "rows": rows})
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
