@@ -6,11 +6,13 @@
 Both the harness and the stock model run mamba-ssm's selective-scan CUDA kernels, which take over 60 % of a
 Mamba step (docs/performance.md), so no other change gets Mamba far past its stock model. This times those
 kernels' forward and backward (with the gate z, softplus on delta, D and a delta bias, as Mamba calls them)
-on the plan's micro-batch, 2 x d_model channels, 8192 steps and 16 states, with B and C three ways:
-- per sequence, one (N, L) pair read by every channel: Mamba's selective scan. The kernels give each channel a
+on the plan's micro-batch, 2 x d_model channels, 8192 steps and 16 states, with B and C four ways:
+- one (N, L) pair per sequence, read by every channel: Mamba's selective scan. The kernels give each channel a
   thread block of its own, so each block reads all of B and C, and in the backward adds its share of their
   gradients into float32 buffers with one atomic add per channel, state and step;
-- per group of 8 and of 64 channels: as many reads and atomic adds, spread over more addresses (contention);
+- 8 pairs per sequence, each shared by an eighth of the channels: as many reads and atomic adds, over 8 times
+  as many addresses (less contention);
+- one pair per channel: as many reads and atomic adds again, none shared (nothing for the cache to reuse);
 - constant per channel: neither the per-step reads of B and C nor any atomic add.
 Each timing is the median of --reps calls timed with CUDA events, after a warm-up; every round repeats all.
 Prints one line per timing and writes them as JSON (default docs/benchmarks/selective_scan_<gpu>.json).
@@ -33,7 +35,8 @@ from efficientllm_metrics import write_json_atomic  # noqa: E402
 from mamba.model import D_STATE, EXPAND, FAMILY, SHAPES  # noqa: E402
 
 SEQ_LEN = 8192
-VARIANTS = {"per sequence": 1, "per 8 channels": 8, "per 64 channels": 64, "constant": None}
+#: B and C: how many (N, L) pairs per sequence (None: constant per channel; 0: one per channel).
+VARIANTS = {"one per sequence": 1, "8 per sequence": 8, "one per channel": 0, "constant": None}
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -50,26 +53,26 @@ def median_ms(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
-def scan_inputs(batch: int, channels: int, channels_per_group: int | None) -> dict[str, torch.Tensor]:
-    """Random inputs in the kernels' layouts (bf16 activations, float32 parameters), B and C shared by groups of
-    ``channels_per_group`` channels (None: constant per channel)."""
+def scan_inputs(batch: int, channels: int, pairs: int | None) -> dict[str, torch.Tensor]:
+    """Random inputs in the kernels' layouts (bf16 activations, float32 parameters), with ``pairs`` (B, C) pairs
+    per sequence (``VARIANTS``)."""
     def bf16(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
 
-    if channels_per_group is None:
+    if pairs is None:
         B, C = (torch.randn(channels, D_STATE, device="cuda") for _ in range(2))
     else:
-        B, C = (bf16(batch, channels // channels_per_group, D_STATE, SEQ_LEN) for _ in range(2))
+        B, C = (bf16(batch, pairs or channels, D_STATE, SEQ_LEN) for _ in range(2))
     return {"u": bf16(batch, channels, SEQ_LEN), "delta": bf16(batch, channels, SEQ_LEN) * 0.5 - 1.0,
             "A": -torch.rand(channels, D_STATE, device="cuda") * D_STATE - 0.5, "B": B, "C": C,
             "D": torch.randn(channels, device="cuda"), "z": bf16(batch, channels, SEQ_LEN),
             "delta_bias": torch.randn(channels, device="cuda") * 0.3, "dout": bf16(batch, channels, SEQ_LEN)}
 
 
-def time_scan(batch: int, channels: int, channels_per_group: int | None, reps: int) -> tuple[float, float]:
+def time_scan(batch: int, channels: int, pairs: int | None, reps: int) -> tuple[float, float]:
     import selective_scan_cuda  # mamba-ssm's extension
 
-    x = scan_inputs(batch, channels, channels_per_group)
+    x = scan_inputs(batch, channels, pairs)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
     out, states, _ = selective_scan_cuda.fwd(*args, True)
     forward = median_ms(lambda: selective_scan_cuda.fwd(*args, True), reps)
@@ -95,8 +98,8 @@ def main() -> int:
         for size in args.sizes.split(","):
             batch = FAMILY.gpu_plan[size]["micro_batch_size"]
             channels = EXPAND * SHAPES["paper"][size]["d_model"]
-            for variant, channels_per_group in VARIANTS.items():
-                forward, backward = time_scan(batch, channels, channels_per_group, args.reps)
+            for variant, pairs in VARIANTS.items():
+                forward, backward = time_scan(batch, channels, pairs, args.reps)
                 rows.append({"round": round_index, "size": size, "batch": batch, "channels": channels,
                              "B_and_C": variant, "forward_ms": round(forward, 3), "backward_ms": round(backward, 3)})
                 print(f"round {round_index} {size:>4} batch {batch} x {channels} channels, B and C {variant:>16}: "
