@@ -3,7 +3,7 @@
 
     python scripts/benchmark_selective_scan.py [--sizes 0.5B,1.5B,3B] [--rounds 2] [--output FILE]
 
-Both the harness and the stock model run mamba-ssm's selective-scan CUDA kernels, which take over 60 % of a
+Both the harness and the stock model run mamba-ssm's selective-scan CUDA kernels, which take 53–63 % of a
 Mamba step (docs/performance.md), so no other change gets Mamba far past its stock model. This times those
 kernels' forward and backward (with the gate z, softplus on delta, D and a delta bias, as Mamba calls them)
 on the plan's micro-batch, 2 x d_model channels, 8192 steps and 16 states, with B and C four ways:
