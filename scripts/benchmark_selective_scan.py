@@ -13,7 +13,7 @@ on the plan's micro-batch, 2 x d_model channels, 8192 steps and 16 states, with 
 - 8 pairs per sequence, each shared by an eighth of the channels: as many reads and atomic adds, over 8 times
   as many addresses (less contention);
 - one pair per channel: as many reads and atomic adds again, none shared (nothing for the cache to reuse);
-- constant per channel: neither the per-step reads of B and C nor any atomic add.
+- constant per channel: neither the per-step reads of B and C nor the per-step atomic adds.
 Each timing is the median of --reps calls timed with CUDA events, after a warm-up; every round repeats all.
 Prints one line per timing and writes them as JSON (default docs/benchmarks/selective_scan_<gpu>.json).
 """
