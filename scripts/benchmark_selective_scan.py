@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from efficientllm_metrics import write_json_atomic  # noqa: E402
-from mamba.model import D_STATE, EXPAND, FAMILY, SHAPES  # noqa: E402
+from mamba.model import D_STATE, EXPAND, FAMILY, INSTALL_HINT, SHAPES  # noqa: E402
 
 SEQ_LEN = 8192
 #: B and C: how many (N, L) pairs per sequence (None: constant per channel; 0: one per channel).
@@ -69,9 +69,8 @@ def scan_inputs(batch: int, channels: int, pairs: int | None) -> dict[str, torch
             "delta_bias": torch.randn(channels, device="cuda") * 0.3, "dout": bf16(batch, channels, SEQ_LEN)}
 
 
-def time_scan(batch: int, channels: int, pairs: int | None, reps: int) -> tuple[float, float]:
-    import selective_scan_cuda  # mamba-ssm's extension
-
+def time_scan(selective_scan_cuda, batch: int, channels: int, pairs: int | None, reps: int) -> tuple[float, float]:
+    """Median forward and backward ms of mamba-ssm's extension module ``selective_scan_cuda``."""
     x = scan_inputs(batch, channels, pairs)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
     out, states, _ = selective_scan_cuda.fwd(*args, True)
@@ -88,18 +87,27 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=10, help="timed calls per median")
     parser.add_argument("--output", type=Path, help="JSON file (default: docs/benchmarks/selective_scan_<gpu>.json)")
     args = parser.parse_args()
+    sizes = args.sizes.split(",")
+    if unknown := [size for size in sizes if size not in FAMILY.gpu_plan]:
+        parser.error(f"--sizes: {', '.join(unknown)} not among {', '.join(FAMILY.gpu_plan)}")
     if not torch.cuda.is_available():
         print("benchmark_selective_scan.py needs a CUDA GPU", file=sys.stderr)
+        return 1
+    try:
+        import selective_scan_cuda  # mamba-ssm's extension
+    except ImportError as error:
+        print(f"benchmark_selective_scan.py times mamba-ssm's kernels, which are not importable ({error}): "
+              f"{INSTALL_HINT}", file=sys.stderr)
         return 1
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}")
     rows = []
     for round_index in range(args.rounds):
-        for size in args.sizes.split(","):
+        for size in sizes:
             batch = FAMILY.gpu_plan[size]["micro_batch_size"]
             channels = EXPAND * SHAPES["paper"][size]["d_model"]
             for variant, pairs in VARIANTS.items():
-                forward, backward = time_scan(batch, channels, pairs, args.reps)
+                forward, backward = time_scan(selective_scan_cuda, batch, channels, pairs, args.reps)
                 rows.append({"round": round_index, "size": size, "batch": batch, "channels": channels,
                              "B_and_C": variant, "forward_ms": round(forward, 3), "backward_ms": round(backward, 3)})
                 print(f"round {round_index} {size:>4} batch {batch} x {channels} channels, B and C {variant:>16}: "
