@@ -1,6 +1,9 @@
-"""The Mamba-1 mixer after its input projection: mamba-ssm's fused CUDA path and a float32 reference.
+"""The Mamba-1 mixer after its input projection: a fused CUDA path and a float32 reference.
 
-Both take ``xz`` (B, 2E, L), the input projection's output with the sequence dimension contiguous (the
+The fused path runs causal-conv1d's kernels and the harness's selective scan (``scan_kernel.py``) in one
+autograd function, recomputing the conv's output and delta in the backward as mamba-ssm's ``mamba_inner_fn``
+does; under fp32 activations, which the harness's scan does not take, it runs ``mamba_inner_fn`` itself. Both
+paths take ``xz`` (B, 2E, L), the input projection's output with the sequence dimension contiguous (the
 layout mamba-ssm's kernels read without a copy), and return the mixer's output (B, L, D) after the output
 projection:
 
@@ -13,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FUSED_PATH = "mamba_ssm fused (mamba_inner_fn: causal_conv1d + selective_scan CUDA)"
+FUSED_PATH = ("causal_conv1d + the harness's selective-scan CUDA kernel (bf16; mamba_ssm's mamba_inner_fn under "
+              "fp32)")
 REFERENCE_PATH = "PyTorch reference selective scan (slow)"
 
 
@@ -28,11 +32,87 @@ def fused_kernels_available() -> bool:
 
 @torch.compiler.disable  # CUDA kernels behind an autograd.Function: run eagerly between compiled regions
 def mixer_fused(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias):
-    """mamba-ssm's fused conv, selective scan, gate and output projection (its checkpointing level 1)."""
-    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+    """The mixer on CUDA kernels: ``FusedMixer`` on bf16 activations, mamba-ssm's ``mamba_inner_fn`` on fp32."""
+    if xz.dtype != torch.bfloat16:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
-    return mamba_inner_fn(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None, A,
-                          None, None, D, delta_bias=dt_bias, delta_softplus=True)
+        return mamba_inner_fn(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None, A,
+                              None, None, D, delta_bias=dt_bias, delta_softplus=True)
+    length = xz.shape[-1]
+    if length % 8:  # the scan reads 8 steps at a time; zeros after the end leave a causal mixer's outputs alone
+        xz = F.pad(xz, (0, 8 - length % 8))
+    out = FusedMixer.apply(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias)
+    return out[:, :length]
+
+
+class FusedMixer(torch.autograd.Function):
+    """causal-conv1d, the input-dependent projections, the harness's selective scan and the output projection;
+    saves xz and x_proj's output, and recomputes the conv's output and delta in the backward."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias):
+        from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
+
+        from mamba.scan_kernel import scan_forward
+
+        x_proj_weight, dt_proj_weight, out_proj_weight = (w.to(xz.dtype) for w in
+                                                          (x_proj_weight, dt_proj_weight, out_proj_weight))
+        x, z = xz.chunk(2, dim=1)
+        conv_out = causal_conv1d_fwd_function(x, conv_weight.squeeze(1), conv_bias, None, None, None, True)
+        x_dbl = F.linear(conv_out.transpose(1, 2).reshape(-1, conv_out.shape[1]), x_proj_weight)  # (B*L, r+2N)
+        B, C = _state_inputs(x_dbl, dt_proj_weight.shape[1], A.shape[1], xz.shape[0])
+        delta = _delta(x_dbl, dt_proj_weight, xz.shape[0])
+        out, out_z, states = scan_forward(conv_out, delta, A, B, C, D, z, dt_bias)
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, out_proj_weight, A, B,
+                              C, D, dt_bias, states, out)
+        return F.linear(out_z.transpose(1, 2), out_proj_weight)  # (B, L, D)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+
+        from mamba.scan_kernel import scan_backward
+
+        (xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, out_proj_weight, A, B, C, D, dt_bias,
+         states, out) = ctx.saved_tensors
+        batch, length, rank, d_state = xz.shape[0], xz.shape[-1], dt_proj_weight.shape[1], A.shape[1]
+        x, z = xz.chunk(2, dim=1)
+        conv_out = causal_conv1d_fwd_function(x, conv_weight.squeeze(1), conv_bias, None, None, None, True)
+        delta = _delta(x_dbl, dt_proj_weight, batch)
+        dxz = torch.empty_like(xz)
+        dx, dz = dxz.chunk(2, dim=1)
+        dout = dout.reshape(-1, dout.shape[-1])  # (B*L, D)
+        dout_z = (out_proj_weight.t() @ dout.t()).view(-1, batch, length).transpose(0, 1)  # (B, E, L), a view
+        du, ddelta, dA, dB, dC, dD, ddt_bias, out_z = scan_backward(conv_out, delta, A, B, C, D, z, dt_bias, dout_z,
+                                                                    states, out, dz)
+        dout_proj_weight = dout.t() @ out_z.transpose(1, 2).reshape(-1, out_z.shape[1])
+        ddelta = ddelta.transpose(0, 1).reshape(ddelta.shape[1], -1)  # (E, B*L)
+        dx_dbl = torch.empty_like(x_dbl)
+        dx_dbl[:, :rank] = ddelta.t() @ dt_proj_weight
+        dx_dbl[:, rank:rank + d_state] = dB.transpose(1, 2).reshape(-1, d_state)
+        dx_dbl[:, rank + d_state:] = dC.transpose(1, 2).reshape(-1, d_state)
+        ddt_proj_weight = ddelta @ x_dbl[:, :rank]
+        conv_rows = conv_out.transpose(1, 2).reshape(-1, conv_out.shape[1])  # (B*L, E)
+        dx_proj_weight = dx_dbl.t() @ conv_rows
+        dconv_out = du.add_((dx_dbl @ x_proj_weight).view(batch, length, -1).transpose(1, 2))  # (B, E, L)
+        dx, dconv_weight, dconv_bias, *_ = causal_conv1d_bwd_function(x, conv_weight.squeeze(1), conv_bias,
+                                                                      dconv_out, None, None, None, dx, False, True)
+        return (dxz, dconv_weight.unsqueeze(1), dconv_bias, dx_proj_weight, ddt_proj_weight, dout_proj_weight, dA, dD,
+                ddt_bias)
+
+
+def _state_inputs(x_dbl: torch.Tensor, rank: int, d_state: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and C from x_proj's output (B*L, r+2N): (B, N, L) each, contiguous, as the scan reads them."""
+    B, C = x_dbl[:, rank:].view(batch, -1, 2 * d_state).transpose(1, 2).split(d_state, dim=1)
+    return B.contiguous(), C.contiguous()
+
+
+def _delta(x_dbl: torch.Tensor, dt_proj_weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """dt_proj of the low-rank dt (before bias and softplus, which the scan applies): (B, E, L), a view of (E, B*L)."""
+    rank = dt_proj_weight.shape[1]
+    return (dt_proj_weight @ x_dbl[:, :rank].t()).view(dt_proj_weight.shape[0], batch, -1).transpose(0, 1)
 
 
 def mixer_reference(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias):

@@ -432,11 +432,49 @@ def assert_kernel_matches_reference(make_mixer, length: int) -> None:
 
 @cuda
 @pytest.mark.gpu
-def test_mamba_fused_kernels_match_reference_with_gradients():
+@pytest.mark.parametrize("length", [257, 2600])  # padded to 264; three of the scan's chunks, the last partial
+def test_mamba_fused_kernels_match_reference_with_gradients(length):
     if not mamba_model.fused_kernels_available():
         pytest.skip("mamba-ssm not installed")
     torch.manual_seed(4)
-    assert_kernel_matches_reference(lambda fused: mamba_model.MambaMixer(d_model=256, fused=fused), 257)
+    assert_kernel_matches_reference(lambda fused: mamba_model.MambaMixer(d_model=256, fused=fused), length)
+
+
+@cuda
+@pytest.mark.gpu
+def test_mamba_scan_kernel_matches_mamba_ssm():
+    """The harness's selective scan against mamba-ssm's selective_scan_cuda on the same bf16 inputs: every output
+    and gradient (dB and dC summed over channels by thread-block clusters) within bf16 rounding of each other."""
+    if not mamba_model.fused_kernels_available():
+        pytest.skip("mamba-ssm not installed")
+    import selective_scan_cuda
+
+    from mamba.scan_kernel import scan_backward, scan_forward
+
+    torch.manual_seed(5)
+    batch, channels, length, d_state = 2, 64, 2600, mamba_model.D_STATE
+
+    def bf16(*shape):
+        return torch.randn(*shape, device="cuda").to(torch.bfloat16)
+
+    u, delta, z, dout = bf16(batch, channels, length), bf16(batch, channels, length) * 0.5 - 1, \
+        bf16(batch, channels, length), bf16(batch, channels, length)
+    B, C = bf16(batch, d_state, length), bf16(batch, d_state, length)
+    A = -torch.rand(channels, d_state, device="cuda") * d_state - 0.5
+    D, delta_bias = torch.randn(channels, device="cuda"), 0.3 * torch.randn(channels, device="cuda")
+    out, out_z, states = scan_forward(u, delta, A, B, C, D, z, delta_bias)
+    dz = torch.empty_like(z)
+    ours = (out, out_z, *scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz), dz)
+    args = (u, delta, A, B[:, None], C[:, None], D, z, delta_bias)
+    theirs_out, theirs_states, theirs_out_z = selective_scan_cuda.fwd(*args, True)
+    du, ddelta, dA, dB, dC, dD, ddelta_bias, theirs_dz, theirs_out_z_again = selective_scan_cuda.bwd(
+        *args, dout, theirs_states, theirs_out, None, True, True)
+    theirs = (theirs_out, theirs_out_z, du, ddelta, dA, dB[:, 0], dC[:, 0], dD, ddelta_bias, theirs_out_z_again,
+              theirs_dz)
+    names = ("out", "out_z", "du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias", "out_z (backward)", "dz")
+    for name, got, want in zip(names, ours, theirs):
+        assert got.shape == want.shape, name
+        assert relative_error(got.float(), want.float()) < 1e-2, name
 
 
 @cuda
