@@ -94,22 +94,31 @@ def _check_shapes(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Te
                              f"{tuple(tensor.shape)} {tensor.dtype}")
 
 
+def channel_major(batch: int, channels: int, length: int, device: torch.device) -> torch.Tensor:
+    """An empty (batch, channels, L) bf16 tensor laid out as (channels, batch, L): viewed as (channels, batch * L),
+    it is the operand of the projections around the scan without a transposing copy."""
+    return torch.empty(channels, batch, length, dtype=torch.bfloat16, device=device).transpose(0, 1)
+
+
 def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out = C h + D u (before the gate), out_z = out * silu(z), and each chunk's final states for the backward.
 
     u, delta, z: (batch, channels, L) bf16; A: (channels, N), D, delta_bias: (channels,) float32; B, C:
-    (batch, N, L) bf16, contiguous. delta is taken through softplus(delta + delta_bias).
+    (batch, N, L) bf16, contiguous. delta is taken through softplus(delta + delta_bias). out is contiguous,
+    out_z ``channel_major``.
     """
     _check_shapes(u, A, B, C)
     batch, channels, length = u.shape
-    out, out_z = (torch.empty(batch, channels, length, dtype=u.dtype, device=u.device) for _ in range(2))
+    out = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
+    out_z = channel_major(batch, channels, length, u.device)
     states = torch.empty(batch, channels, -(-length // CHUNK), A.shape[1], dtype=torch.float32, device=u.device)
     kernel = _kernels(u.device.index, A.shape[1], cluster_size(channels))["selective_scan_forward"]
     kernel(grid=(channels, batch, 1), block=(THREADS, 1, 1),
            args=[u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), out, out_z, states,
-                 length, channels, *_strides("u", u), *_strides("delta", delta), *_strides("z", z)])
+                 length, channels, *_strides("u", u), *_strides("delta", delta), *_strides("z", z),
+                 *_strides("out_z", out_z)])
     return out, out_z, states
 
 
@@ -120,13 +129,13 @@ def scan_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
 
     Writes dz into ``dz`` (a (batch, channels, L) bf16 view, e.g. half of xz's gradient) and returns du, ddelta
     (bf16, the gradient of delta before the bias and softplus), dA, dB, dC, dD, ddelta_bias (float32) and out_z,
-    recomputed for the output projection's weight gradient.
+    recomputed for the output projection's weight gradient; du, ddelta and out_z are ``channel_major``.
     """
     _check_shapes(u, A, B, C)
     if not out.is_contiguous() or states.shape[:2] != u.shape[:2]:
         raise ValueError("out and states must be scan_forward's")
     batch, channels, length = u.shape
-    du, ddelta, out_z = (torch.empty(batch, channels, length, dtype=u.dtype, device=u.device) for _ in range(3))
+    du, ddelta, out_z = (channel_major(batch, channels, length, u.device) for _ in range(3))
     dA = torch.zeros(A.shape, dtype=torch.float32, device=u.device)
     dB, dC = (torch.zeros(B.shape, dtype=torch.float32, device=u.device) for _ in range(2))
     dD, ddelta_bias = (torch.zeros(channels, dtype=torch.float32, device=u.device) for _ in range(2))
@@ -134,5 +143,6 @@ def scan_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     kernel(grid=(channels, batch, 1), block=(THREADS, 1, 1), shared_mem=_backward_shared_bytes(),
            args=[u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), dout, states, out,
                  du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, length, channels, *_strides("u", u),
-                 *_strides("delta", delta), *_strides("z", z), *_strides("dout", dout), *_strides("dz", dz)])
+                 *_strides("delta", delta), *_strides("z", z), *_strides("dout", dout), *_strides("dz", dz),
+                 *_strides("du", du)])
     return du, ddelta, dA, dB, dC, dD, ddelta_bias, out_z

@@ -127,10 +127,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) selective_scan_forward(
         const bf16* u, const bf16* delta, const float* A, const bf16* B, const bf16* C, const float* D,
         const bf16* z, const float* delta_bias, bf16* out, bf16* out_z, float* chunk_states,
         int length, int channels, int u_batch_stride, int u_channel_stride, int delta_batch_stride,
-        int delta_channel_stride, int z_batch_stride, int z_channel_stride) {
+        int delta_channel_stride, int z_batch_stride, int z_channel_stride, int out_z_batch_stride,
+        int out_z_channel_stride) {
     __shared__ float2 maps[2][NWARPS];
     const int channel = blockIdx.x, sequence = blockIdx.y, chunks = (length + CHUNK - 1) / CHUNK;
-    const long long row = (long long)sequence * channels + channel;  // out, out_z: contiguous (batch, channels, L)
+    const long long row = (long long)sequence * channels + channel;  // out: contiguous (batch, channels, L)
+    out_z += sequence * (long long)out_z_batch_stride + channel * (long long)out_z_channel_stride;
     u += sequence * (long long)u_batch_stride + channel * (long long)u_channel_stride;
     delta += sequence * (long long)delta_batch_stride + channel * (long long)delta_channel_stride;
     z += sequence * (long long)z_batch_stride + channel * (long long)z_channel_stride;
@@ -180,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) selective_scan_forward(
 #pragma unroll
         for (int i = 0; i < NITEMS; ++i) gated[i] = y[i] * z_t[i] / (1.f + __expf(-z_t[i]));
         store_steps(out + row * length + t, remaining, y);
-        store_steps(out_z + row * length + t, remaining, gated);
+        store_steps(out_z + t, remaining, gated);
     }
 }
 
@@ -257,7 +259,8 @@ __device__ __forceinline__ float sum_over_block(float value, float* scratch) {
     return total;
 }
 
-// Gradients of selective_scan_forward given dout, the gradient of out_z; writes dz and recomputes out_z.
+// Gradients of selective_scan_forward given dout, the gradient of out_z; writes dz and recomputes out_z. du,
+// ddelta and out_z share one layout (grad_*_stride).
 // dB and dC (float32, zeroed) and dA, dD, ddelta_bias (float32, zeroed) receive atomic adds.
 extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(NTHREADS) selective_scan_backward(
         const bf16* u, const bf16* delta, const float* A, const bf16* B, const bf16* C, const float* D,
@@ -265,13 +268,15 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(NTH
         bf16* du, bf16* ddelta, float* dA, float* dB, float* dC, float* dD, float* ddelta_bias, bf16* dz,
         bf16* out_z, int length, int channels, int u_batch_stride, int u_channel_stride, int delta_batch_stride,
         int delta_channel_stride, int z_batch_stride, int z_channel_stride, int dout_batch_stride,
-        int dout_channel_stride, int dz_batch_stride, int dz_channel_stride) {
+        int dout_channel_stride, int dz_batch_stride, int dz_channel_stride, int grad_batch_stride,
+        int grad_channel_stride) {
     __shared__ float2 maps[2][NWARPS];
     extern __shared__ float4 dynamic_shared[];  // terms[3][GROUP][2][CHUNK]: see the state loop
     float (*terms)[GROUP][2][CHUNK] = reinterpret_cast<float (*)[GROUP][2][CHUNK]>(dynamic_shared);
     __shared__ float scratch[NWARPS];
     const int channel = blockIdx.x, sequence = blockIdx.y, chunks = (length + CHUNK - 1) / CHUNK;
-    const long long row = (long long)sequence * channels + channel;  // out, out_z, du, ddelta: contiguous
+    const long long row = (long long)sequence * channels + channel;  // out: contiguous (batch, channels, L)
+    const long long grad_row = sequence * (long long)grad_batch_stride + channel * (long long)grad_channel_stride;
     u += sequence * (long long)u_batch_stride + channel * (long long)u_channel_stride;
     delta += sequence * (long long)delta_batch_stride + channel * (long long)delta_channel_stride;
     z += sequence * (long long)z_batch_stride + channel * (long long)z_channel_stride;
@@ -317,7 +322,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(NTH
                 ddelta_t[i] = 0.f;
             }
             store_steps(dz + t, remaining, dz_t);
-            store_steps(out_z + row * length + t, remaining, gated);
+            store_steps(out_z + grad_row + t, remaining, gated);
         }
         uint4 B_next[NITEMS / 8], C_next[NITEMS / 8];
         load_raw_steps(B + t, remaining, B_next);
@@ -388,8 +393,8 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(NTH
             ddelta_t[i] *= 1.f - __expf(-delta_t[i]);  // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
             if (threadIdx.x * NITEMS + i < length - chunk * CHUNK) dbias_sum += ddelta_t[i];
         }
-        store_steps(du + row * length + t, remaining, du_t);
-        store_steps(ddelta + row * length + t, remaining, ddelta_t);
+        store_steps(du + grad_row + t, remaining, du_t);
+        store_steps(ddelta + grad_row + t, remaining, ddelta_t);
     }
 #pragma unroll 1
     for (int n = 0; n < DSTATE; ++n) {

@@ -66,7 +66,8 @@ class FusedMixer(torch.autograd.Function):
         out, out_z, states = scan_forward(conv_out, delta, A, B, C, D, z, dt_bias)
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, out_proj_weight, A, B,
                               C, D, dt_bias, states, out)
-        return F.linear(out_z.transpose(1, 2), out_proj_weight)  # (B, L, D)
+        out_rows = out_z.transpose(0, 1).reshape(out_z.shape[1], -1).t()  # (B*L, E), a view: out_z is channel-major
+        return F.linear(out_rows, out_proj_weight).view(xz.shape[0], xz.shape[-1], -1)  # (B, L, D)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -87,8 +88,8 @@ class FusedMixer(torch.autograd.Function):
         dout_z = (out_proj_weight.t() @ dout.t()).view(-1, batch, length).transpose(0, 1)  # (B, E, L), a view
         du, ddelta, dA, dB, dC, dD, ddt_bias, out_z = scan_backward(conv_out, delta, A, B, C, D, z, dt_bias, dout_z,
                                                                     states, out, dz)
-        dout_proj_weight = dout.t() @ out_z.transpose(1, 2).reshape(-1, out_z.shape[1])
-        ddelta = ddelta.transpose(0, 1).reshape(ddelta.shape[1], -1)  # (E, B*L)
+        out_z, ddelta, du = (t.transpose(0, 1).reshape(t.shape[1], -1) for t in (out_z, ddelta, du))  # (E, B*L) views
+        dout_proj_weight = dout.t() @ out_z.t()
         dx_dbl = torch.empty_like(x_dbl)
         dx_dbl[:, :rank] = ddelta.t() @ dt_proj_weight
         dx_dbl[:, rank:rank + d_state] = dB.transpose(1, 2).reshape(-1, d_state)
@@ -96,7 +97,7 @@ class FusedMixer(torch.autograd.Function):
         ddt_proj_weight = ddelta @ x_dbl[:, :rank]
         conv_rows = conv_out.transpose(1, 2).reshape(-1, conv_out.shape[1])  # (B*L, E)
         dx_proj_weight = dx_dbl.t() @ conv_rows
-        dconv_out = du.add_((dx_dbl @ x_proj_weight).view(batch, length, -1).transpose(1, 2))  # (B, E, L)
+        dconv_out = torch.addmm(du, x_proj_weight.t(), dx_dbl.t(), out=du).view(-1, batch, length).transpose(0, 1)
         dx, dconv_weight, dconv_bias, *_ = causal_conv1d_bwd_function(x, conv_weight.squeeze(1), conv_bias,
                                                                       dconv_out, None, None, None, dx, False, True)
         return (dxz, dconv_weight.unsqueeze(1), dconv_bias, dx_proj_weight, ddt_proj_weight, dout_proj_weight, dA, dD,
