@@ -10,33 +10,53 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("selective_scan.cu")
-THREADS = 128
-STEPS_PER_THREAD = 8
-CHUNK = THREADS * STEPS_PER_THREAD
-STATES_PER_SUM = 2  # states whose dB and dC terms a cluster sums between two of its barriers
 
 
-def cluster_size(channels: int) -> int:
-    """Channels per thread-block cluster in the backward: the largest of 8, 4, 2, 1 that divides ``channels``."""
-    return next(size for size in (8, 4, 2, 1) if channels % size == 0)
+@dataclass(frozen=True)
+class ScanTiling:
+    """How the kernels split the work (scripts/benchmark_selective_scan.py times the alternatives)."""
+
+    threads: int = 128  # per thread block, one (sequence, channel)
+    steps_per_thread: int = 8  # a multiple of 8
+    states_per_sum: int = 2  # states whose dB and dC terms a cluster sums between two of its barriers
+    cluster: int = 8  # channels per thread-block cluster in the backward, at most; see cluster_size
+
+    @property
+    def chunk(self) -> int:
+        return self.threads * self.steps_per_thread
+
+    def cluster_size(self, channels: int) -> int:
+        """The largest power of two up to ``cluster`` that divides ``channels``."""
+        size = self.cluster
+        while channels % size:
+            size //= 2
+        return size
+
+    def backward_shared_bytes(self) -> int:
+        """The backward's three sets of dB and dC terms, float32 (selective_scan.cu's state loop)."""
+        return 3 * self.states_per_sum * 2 * self.chunk * 4
+
+
+TILING = ScanTiling()
 
 
 @functools.cache
-def _kernels(device: int, d_state: int, cluster: int) -> dict[str, object]:
+def _kernels(device: int, d_state: int, cluster: int, tiling: ScanTiling) -> dict[str, object]:
     """Compiles selective_scan.cu for ``device`` with NVRTC, as ``torch.cuda._compile_kernel`` does, without its
     need for a CUDA toolkit's headers (the source includes none)."""
     from torch.cuda import _utils as cuda_utils
 
     nvrtc = cuda_utils._get_gpu_rtc_library()
     major, minor = torch.cuda.get_device_capability(device)
-    options = [f"--gpu-architecture=sm_{major}{minor}", "--std=c++17", f"-DNTHREADS={THREADS}",
-               f"-DNITEMS={STEPS_PER_THREAD}", f"-DDSTATE={d_state}", f"-DCLUSTER={cluster}",
-               f"-DGROUP={STATES_PER_SUM}"]
+    options = [f"--gpu-architecture=sm_{major}{minor}", "--std=c++17", f"-DNTHREADS={tiling.threads}",
+               f"-DNITEMS={tiling.steps_per_thread}", f"-DDSTATE={d_state}", f"-DCLUSTER={cluster}",
+               f"-DGROUP={tiling.states_per_sum}"]
     program = ctypes.c_void_p()
     _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(program), SOURCE.read_bytes(), SOURCE.name.encode(),
                                                  0, None, None))
@@ -56,14 +76,9 @@ def _kernels(device: int, d_state: int, cluster: int) -> dict[str, object]:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
     with torch.cuda.device(device):
         kernels = cuda_utils._cuda_load_module(cubin.raw, ["selective_scan_forward", "selective_scan_backward"])
-        if _backward_shared_bytes() >= 48 * 1024:
-            kernels["selective_scan_backward"].set_shared_memory_config(_backward_shared_bytes())
+        if tiling.backward_shared_bytes() >= 48 * 1024:  # above the default limit, the kernel must ask
+            kernels["selective_scan_backward"].set_shared_memory_config(tiling.backward_shared_bytes())
     return kernels
-
-
-def _backward_shared_bytes() -> int:
-    """The backward's three sets of STATES_PER_SUM states' dB and dC terms, float32 (selective_scan.cu)."""
-    return 3 * STATES_PER_SUM * 2 * CHUNK * 4
 
 
 def _check_nvrtc(nvrtc, result: int) -> None:
@@ -101,7 +116,7 @@ def channel_major(batch: int, channels: int, length: int, device: torch.device) 
 
 
 def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor
+                 D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, tiling: ScanTiling = TILING
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out = C h + D u (before the gate), out_z = out * silu(z), and each chunk's final states for the backward.
 
@@ -113,9 +128,10 @@ def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     batch, channels, length = u.shape
     out = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
     out_z = channel_major(batch, channels, length, u.device)
-    states = torch.empty(batch, channels, -(-length // CHUNK), A.shape[1], dtype=torch.float32, device=u.device)
-    kernel = _kernels(u.device.index, A.shape[1], cluster_size(channels))["selective_scan_forward"]
-    kernel(grid=(channels, batch, 1), block=(THREADS, 1, 1),
+    chunks = -(-length // tiling.chunk)
+    states = torch.empty(batch, channels, chunks, A.shape[1], dtype=torch.float32, device=u.device)
+    kernel = _kernels(u.device.index, A.shape[1], tiling.cluster_size(channels), tiling)["selective_scan_forward"]
+    kernel(grid=(channels, batch, 1), block=(tiling.threads, 1, 1),
            args=[u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), out, out_z, states,
                  length, channels, *_strides("u", u), *_strides("delta", delta), *_strides("z", z),
                  *_strides("out_z", out_z)])
@@ -124,23 +140,25 @@ def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
 
 def scan_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, dout: torch.Tensor,
-                  states: torch.Tensor, out: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Gradients of ``scan_forward`` given dout, the gradient of out_z, and the forward's out and states.
+                  states: torch.Tensor, out: torch.Tensor, dz: torch.Tensor, tiling: ScanTiling = TILING
+                  ) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``scan_forward`` given dout, the gradient of out_z, and the forward's out and states (from
+    the same tiling).
 
     Writes dz into ``dz`` (a (batch, channels, L) bf16 view, e.g. half of xz's gradient) and returns du, ddelta
     (bf16, the gradient of delta before the bias and softplus), dA, dB, dC, dD, ddelta_bias (float32) and out_z,
     recomputed for the output projection's weight gradient; du, ddelta and out_z are ``channel_major``.
     """
     _check_shapes(u, A, B, C)
-    if not out.is_contiguous() or states.shape[:2] != u.shape[:2]:
-        raise ValueError("out and states must be scan_forward's")
     batch, channels, length = u.shape
+    if not out.is_contiguous() or states.shape != (batch, channels, -(-length // tiling.chunk), A.shape[1]):
+        raise ValueError("out and states must be those of scan_forward with the same tiling")
     du, ddelta, out_z = (channel_major(batch, channels, length, u.device) for _ in range(3))
     dA = torch.zeros(A.shape, dtype=torch.float32, device=u.device)
     dB, dC = (torch.zeros(B.shape, dtype=torch.float32, device=u.device) for _ in range(2))
     dD, ddelta_bias = (torch.zeros(channels, dtype=torch.float32, device=u.device) for _ in range(2))
-    kernel = _kernels(u.device.index, A.shape[1], cluster_size(channels))["selective_scan_backward"]
-    kernel(grid=(channels, batch, 1), block=(THREADS, 1, 1), shared_mem=_backward_shared_bytes(),
+    kernel = _kernels(u.device.index, A.shape[1], tiling.cluster_size(channels), tiling)["selective_scan_backward"]
+    kernel(grid=(channels, batch, 1), block=(tiling.threads, 1, 1), shared_mem=tiling.backward_shared_bytes(),
            args=[u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), dout, states, out,
                  du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, length, channels, *_strides("u", u),
                  *_strides("delta", delta), *_strides("z", z), *_strides("dout", dout), *_strides("dz", dz),

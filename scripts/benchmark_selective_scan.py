@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Where mamba-ssm's selective-scan kernels spend their time, at each Mamba size's plan (needs CUDA, mamba-ssm).
+"""The selective scan's kernels at each Mamba size's plan: mamba-ssm's and the harness's (needs CUDA, mamba-ssm).
 
-    python scripts/benchmark_selective_scan.py [--sizes 0.5B,1.5B,3B] [--rounds 2] [--output FILE]
+    python scripts/benchmark_selective_scan.py [--sizes 0.5B,1.5B,3B] [--rounds 2] [--tilings 8x8x2,...]
+        [--output FILE]
 
-Both the harness and the stock model run mamba-ssm's selective-scan CUDA kernels, which take 53–63 % of a
-Mamba step (docs/performance.md), so no other change gets Mamba far past its stock model. This times those
-kernels' forward and backward (with the gate z, softplus on delta, D and a delta bias, as Mamba calls them)
-on the plan's micro-batch, 2 x d_model channels, 8192 steps and 16 states, with B and C four ways:
+The selective scan takes over half of a Mamba step (docs/performance.md). This times mamba-ssm's kernels
+(the stock model's) and the harness's (mamba/scan_kernel.py), forward and backward, with the gate z, softplus
+on delta, D and a delta bias as Mamba calls them, on the plan's micro-batch, 2 x d_model channels, 8192 steps
+and 16 states. The harness's run on Mamba's B and C (one pair per sequence), once per --tilings entry
+(steps per thread x channels per cluster x states per sum; default: the shipped tiling). mamba-ssm's run with
+B and C four ways:
 - one (N, L) pair per sequence, read by every channel: Mamba's selective scan. The kernels give each channel a
   thread block of its own, so each block reads all of B and C, and in the backward adds its share of their
   gradients into float32 buffers with one atomic add per channel, state and step;
@@ -33,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from efficientllm_metrics import write_json_atomic  # noqa: E402
 from mamba.model import D_STATE, EXPAND, FAMILY, INSTALL_HINT, SHAPES  # noqa: E402
+from mamba.scan_kernel import TILING, ScanTiling, scan_backward, scan_forward  # noqa: E402
 
 SEQ_LEN = 8192
 #: B and C: how many (N, L) pairs per sequence (None: constant per channel; 0: one per channel).
@@ -80,14 +84,45 @@ def time_scan(selective_scan_cuda, batch: int, channels: int, pairs: int | None,
     return forward, backward
 
 
+def time_harness_scan(batch: int, channels: int, tiling: ScanTiling, reps: int) -> tuple[float, float]:
+    """Median forward and backward ms of the harness's kernels, B and C one pair per sequence."""
+    x = scan_inputs(batch, channels, 1)
+    args = (x["u"], x["delta"], x["A"], x["B"][:, 0], x["C"][:, 0], x["D"], x["z"], x["delta_bias"])
+    out, _, states = scan_forward(*args, tiling=tiling)
+    dz = torch.empty_like(x["z"])
+    forward = median_ms(lambda: scan_forward(*args, tiling=tiling), reps)
+    backward = median_ms(lambda: scan_backward(*args, x["dout"], states, out, dz, tiling=tiling), reps)
+    return forward, backward
+
+
+def time_all(selective_scan_cuda, batch: int, channels: int, tilings: list[ScanTiling], reps: int):
+    """(kernel, B and C, (forward ms, backward ms)): mamba-ssm's four layouts, then the harness's tilings."""
+    for variant, pairs in VARIANTS.items():
+        yield "mamba-ssm", variant, time_scan(selective_scan_cuda, batch, channels, pairs, reps)
+    for tiling in tilings:
+        name = f"harness {tiling.steps_per_thread}x{tiling.cluster}x{tiling.states_per_sum}"
+        yield name, "one per sequence", time_harness_scan(batch, channels, tiling, reps)
+
+
+def parse_tiling(text: str) -> ScanTiling:
+    steps, cluster, states = (int(part) for part in text.split("x"))
+    return ScanTiling(steps_per_thread=steps, cluster=cluster, states_per_sum=states)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.5B,1.5B,3B", help="comma-separated Mamba sizes (paper shapes)")
     parser.add_argument("--rounds", type=int, default=2, help="repeat every timing, for the spread")
     parser.add_argument("--reps", type=int, default=10, help="timed calls per median")
+    parser.add_argument("--tilings", default=f"{TILING.steps_per_thread}x{TILING.cluster}x{TILING.states_per_sum}",
+                        help="the harness kernel's tilings to time: STEPSxCLUSTERxSTATES, comma-separated")
     parser.add_argument("--output", type=Path, help="JSON file (default: docs/benchmarks/selective_scan_<gpu>.json)")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
+    try:
+        tilings = [parse_tiling(text) for text in args.tilings.split(",")]
+    except ValueError:
+        parser.error(f"--tilings: expected STEPSxCLUSTERxSTATES entries such as 8x8x2, got {args.tilings!r}")
     if unknown := [size for size in sizes if size not in FAMILY.gpu_plan]:
         parser.error(f"--sizes: {', '.join(unknown)} not among {', '.join(FAMILY.gpu_plan)}")
     if not torch.cuda.is_available():
@@ -106,12 +141,13 @@ def main() -> int:
         for size in sizes:
             batch = FAMILY.gpu_plan[size]["micro_batch_size"]
             channels = EXPAND * SHAPES["paper"][size]["d_model"]
-            for variant, pairs in VARIANTS.items():
-                forward, backward = time_scan(selective_scan_cuda, batch, channels, pairs, args.reps)
+            for kernel, variant, (forward, backward) in time_all(selective_scan_cuda, batch, channels, tilings,
+                                                                 args.reps):
                 rows.append({"round": round_index, "size": size, "batch": batch, "channels": channels,
-                             "B_and_C": variant, "forward_ms": round(forward, 3), "backward_ms": round(backward, 3)})
-                print(f"round {round_index} {size:>4} batch {batch} x {channels} channels, B and C {variant:>16}: "
-                      f"forward {forward:6.3f} ms, backward {backward:6.3f} ms", flush=True)
+                             "kernel": kernel, "B_and_C": variant, "forward_ms": round(forward, 3),
+                             "backward_ms": round(backward, 3)})
+                print(f"round {round_index} {size:>4} batch {batch} x {channels} channels, {kernel:>15}, B and C "
+                      f"{variant:>16}: forward {forward:6.3f} ms, backward {backward:6.3f} ms", flush=True)
                 torch.cuda.empty_cache()
     output = args.output or ROOT / "docs" / "benchmarks" / f"selective_scan_{gpu.replace(' ', '_')}.json"
     write_json_atomic(output, {"device": gpu, "torch": torch.__version__, "seq_len": SEQ_LEN, "d_state": D_STATE,

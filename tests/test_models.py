@@ -440,6 +440,16 @@ def test_mamba_fused_kernels_match_reference_with_gradients(length):
     assert_kernel_matches_reference(lambda fused: mamba_model.MambaMixer(d_model=256, fused=fused), length)
 
 
+def test_scan_tiling_clusters_divide_the_channels():
+    """The backward's grid of channels splits into whole clusters: the largest power of two up to the tiling's."""
+    from mamba.scan_kernel import ScanTiling
+
+    tiling = ScanTiling(cluster=8)
+    assert [tiling.cluster_size(channels) for channels in (3072, 5120, 100, 6, 7)] == [8, 8, 4, 2, 1]
+    assert ScanTiling(cluster=4).cluster_size(3072) == 4
+    assert tiling.chunk == 1024 and tiling.backward_shared_bytes() == 3 * 2 * 2 * 1024 * 4
+
+
 @cuda
 @pytest.mark.gpu
 def test_mamba_scan_kernel_matches_mamba_ssm():
