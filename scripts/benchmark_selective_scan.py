@@ -17,6 +17,8 @@ B and C four ways:
   as many addresses (less contention);
 - one pair per channel: as many reads and atomic adds again, none shared (nothing for the cache to reuse);
 - constant per channel: neither the per-step reads of B and C nor the per-step atomic adds.
+Last, the whole mixer after its input projection (conv, projections, scan, gate, output projection), forward
+and backward under bf16 autocast: the harness's fused function against mamba-ssm's mamba_inner_fn.
 Each timing is the median of --reps calls timed with CUDA events, after a warm-up; every round repeats all.
 Prints one line per timing and writes them as JSON (default docs/benchmarks/selective_scan_<gpu>.json).
 """
@@ -35,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from efficientllm_metrics import write_json_atomic  # noqa: E402
-from mamba.model import D_STATE, EXPAND, FAMILY, INSTALL_HINT, SHAPES  # noqa: E402
+from mamba.model import D_STATE, EXPAND, FAMILY, INSTALL_HINT, SHAPES, MambaMixer  # noqa: E402
 from mamba.scan_kernel import TILING, ScanTiling, scan_backward, scan_forward  # noqa: E402
+from mamba.selective_scan import mixer_fused  # noqa: E402
 
 SEQ_LEN = 8192
 #: B and C: how many (N, L) pairs per sequence (None: constant per channel; 0: one per channel).
@@ -104,6 +107,34 @@ def time_all(selective_scan_cuda, batch: int, channels: int, tilings: list[ScanT
         yield name, "one per sequence", time_harness_scan(batch, channels, tiling, reps)
 
 
+def time_mixers(size: str, reps: int) -> dict[str, float]:
+    """Median ms of one Mamba mixer's forward and backward at the plan's shape, on the harness's fused function
+    and on mamba-ssm's mamba_inner_fn, from the same input projection's output."""
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+
+    batch, d_model = FAMILY.gpu_plan[size]["micro_batch_size"], SHAPES["paper"][size]["d_model"]
+    mixer = MambaMixer(d_model, fused=True).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        projected = mixer.project_in(torch.randn(batch, SEQ_LEN, d_model, device="cuda")).detach()  # (2E, B*L)
+    weights = (mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
+               mixer.out_proj.weight)
+    grad = torch.randn(batch, SEQ_LEN, d_model, device="cuda", dtype=torch.bfloat16)
+
+    def inner(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias):
+        return mamba_inner_fn(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None, A,
+                              None, None, D, delta_bias=dt_bias, delta_softplus=True)
+
+    def forward_backward(mixer_function) -> None:
+        xz = projected.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = mixer_function(xz.view(-1, batch, SEQ_LEN).transpose(0, 1), *weights, -torch.exp(mixer.A_log.float()),
+                                 mixer.D.float(), mixer.dt_proj.bias.float())
+        out.backward(grad)
+
+    return {name: median_ms(lambda function=function: forward_backward(function), reps)
+            for name, function in (("harness", mixer_fused), ("mamba_inner_fn", inner))}
+
+
 def parse_tiling(text: str) -> ScanTiling:
     steps, cluster, states = (int(part) for part in text.split("x"))
     return ScanTiling(steps_per_thread=steps, cluster=cluster, states_per_sum=states)
@@ -149,6 +180,12 @@ def main() -> int:
                 print(f"round {round_index} {size:>4} batch {batch} x {channels} channels, {kernel:>15}, B and C "
                       f"{variant:>16}: forward {forward:6.3f} ms, backward {backward:6.3f} ms", flush=True)
                 torch.cuda.empty_cache()
+            for kernel, milliseconds in time_mixers(size, args.reps).items():
+                rows.append({"round": round_index, "size": size, "batch": batch, "channels": channels,
+                             "kernel": f"mixer, {kernel}", "forward_backward_ms": round(milliseconds, 3)})
+                print(f"round {round_index} {size:>4} batch {batch} x {channels} channels, the mixer on {kernel:>14}: "
+                      f"forward and backward {milliseconds:6.3f} ms", flush=True)
+            torch.cuda.empty_cache()
     output = args.output or ROOT / "docs" / "benchmarks" / f"selective_scan_{gpu.replace(' ', '_')}.json"
     write_json_atomic(output, {"device": gpu, "torch": torch.__version__, "seq_len": SEQ_LEN, "d_state": D_STATE,
                                "rows": rows})
