@@ -23,7 +23,7 @@ REFERENCE_PATH = "PyTorch reference selective scan (slow)"
 
 def fused_kernels_available() -> bool:
     try:
-        import causal_conv1d  # noqa: F401
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function  # noqa: F401  (as mamba-ssm 2.3 imports it)
         from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn  # noqa: F401
     except ImportError:
         return False
