@@ -100,8 +100,8 @@ def _strides(name: str, tensor: torch.Tensor) -> list[int]:
 
 def _check_shapes(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> None:
     batch, channels, length = u.shape
-    if length % 8:
-        raise ValueError(f"the harness's selective scan needs a sequence length divisible by 8, got {length}")
+    if length == 0 or length % 8:
+        raise ValueError(f"the harness's selective scan needs a positive sequence length divisible by 8, got {length}")
     d_state = A.shape[1]
     for name, tensor in (("B", B), ("C", C)):
         if tensor.shape != (batch, d_state, length) or not tensor.is_contiguous() or tensor.dtype != torch.bfloat16:

@@ -1,6 +1,6 @@
 // Mamba-1's selective scan, forward and backward, for B and C shared by every channel of a sequence.
-// Compiled at run time with NVRTC (mamba/scan_kernel.py), which defines NTHREADS, NITEMS, DSTATE, CLUSTER and GROUP;
-// no headers, so no CUDA toolkit is needed beside PyTorch's own NVRTC.
+// Compiled at run time with NVRTC (mamba/scan_kernel.py), which defines NTHREADS, NITEMS, DSTATE, CLUSTER
+// and GROUP; no headers, so no CUDA toolkit is needed beside PyTorch's own NVRTC.
 //
 //   delta = softplus(delta + delta_bias);  h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t
 //   out_t = C_t h_t + D u_t;  out_z_t = out_t silu(z_t)
@@ -11,9 +11,10 @@
 // chunk's final states, from which the backward recomputes the states chunk by chunk, last chunk first.
 //
 // B and C are read by every channel, so their gradients are sums over channels. The backward runs CLUSTER
-// channels of a sequence as one thread-block cluster: each block leaves its dB and dC terms in shared memory
-// and adds a CLUSTER-th of the cluster's sum to global memory, one atomic add per CLUSTER channels and step,
-// where one thread block per channel alone would take one per channel.
+// channels of a sequence as one thread-block cluster: each block leaves its dB and dC terms in shared memory,
+// and after the cluster's barrier adds a CLUSTER-th of their sum to global memory, one vector reduction per
+// four steps for CLUSTER channels where a block per channel alone would add per channel and step. A barrier
+// covers GROUP states, and a block waits at it only after computing the next GROUP states.
 
 typedef unsigned short bf16;
 
@@ -194,8 +195,13 @@ __device__ __forceinline__ unsigned cluster_rank() {
 
 // The cluster's barrier in two halves, so that a block can work between saying its terms are written and
 // waiting for the others' (add_cluster_sums).
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
 
 __device__ __forceinline__ void add_to_global(float* p, float4 v) {  // one vector reduction, sm_90's
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
