@@ -450,6 +450,18 @@ def test_scan_tiling_clusters_divide_the_channels():
     assert tiling.chunk == 1024 and tiling.backward_shared_bytes() == 3 * 2 * 2 * 1024 * 4
 
 
+@pytest.mark.parametrize("length", [0, 12])
+def test_scan_kernel_refuses_lengths_it_cannot_read_eight_at_a_time(length):
+    """Checked before any kernel is compiled or launched (mamba_fused pads other lengths to a multiple of 8)."""
+    from mamba.scan_kernel import scan_forward
+
+    batch, channels, d_state = 1, 8, 4
+    u = torch.zeros(batch, channels, length, dtype=torch.bfloat16)
+    B = torch.zeros(batch, d_state, length, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        scan_forward(u, u, torch.zeros(channels, d_state), B, B, torch.zeros(channels), u, torch.zeros(channels))
+
+
 @cuda
 @pytest.mark.gpu
 def test_mamba_scan_kernel_matches_mamba_ssm():
