@@ -34,15 +34,22 @@ def fused_kernels_available() -> bool:
 def mixer_fused(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias):
     """The mixer on CUDA kernels: ``FusedMixer`` on bf16 activations, mamba-ssm's ``mamba_inner_fn`` on fp32."""
     if xz.dtype != torch.bfloat16:
-        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-
-        return mamba_inner_fn(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None, A,
-                              None, None, D, delta_bias=dt_bias, delta_softplus=True)
+        return mixer_mamba_ssm(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D,
+                               dt_bias)
     length = xz.shape[-1]
     if length % 8:  # the scan reads 8 steps at a time; zeros after the end leave a causal mixer's outputs alone
         xz = F.pad(xz, (0, 8 - length % 8))
     out = FusedMixer.apply(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias)
     return out[:, :length]
+
+
+def mixer_mamba_ssm(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias):
+    """mamba-ssm's ``mamba_inner_fn`` (its checkpointing level 1) with the mixer's arguments: the fused path on
+    fp32 activations, and what scripts/benchmark_selective_scan.py times ``FusedMixer`` against."""
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+
+    return mamba_inner_fn(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None, A, None,
+                          None, D, delta_bias=dt_bias, delta_softplus=True)
 
 
 class FusedMixer(torch.autograd.Function):

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from efficientllm_metrics import write_json_atomic  # noqa: E402
 from mamba.model import D_STATE, EXPAND, FAMILY, INSTALL_HINT, SHAPES, MambaMixer  # noqa: E402
 from mamba.scan_kernel import TILING, ScanTiling, scan_backward, scan_forward  # noqa: E402
-from mamba.selective_scan import mixer_fused  # noqa: E402
+from mamba.selective_scan import mixer_fused, mixer_mamba_ssm  # noqa: E402
 
 SEQ_LEN = 8192
 #: B and C: how many (N, L) pairs per sequence (None: constant per channel; 0: one per channel).
@@ -110,8 +110,6 @@ def time_all(selective_scan_cuda, batch: int, channels: int, tilings: list[ScanT
 def time_mixers(size: str, reps: int) -> dict[str, float]:
     """Median ms of one Mamba mixer's forward and backward at the plan's shape, on the harness's fused function
     and on mamba-ssm's mamba_inner_fn, from the same input projection's output."""
-    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-
     batch, d_model = FAMILY.gpu_plan[size]["micro_batch_size"], SHAPES["paper"][size]["d_model"]
     mixer = MambaMixer(d_model, fused=True).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -119,10 +117,6 @@ def time_mixers(size: str, reps: int) -> dict[str, float]:
     weights = (mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
                mixer.out_proj.weight)
     grad = torch.randn(batch, SEQ_LEN, d_model, device="cuda", dtype=torch.bfloat16)
-
-    def inner(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, dt_bias):
-        return mamba_inner_fn(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None, A,
-                              None, None, D, delta_bias=dt_bias, delta_softplus=True)
 
     def forward_backward(mixer_function) -> None:
         xz = projected.clone().requires_grad_()
@@ -132,7 +126,7 @@ def time_mixers(size: str, reps: int) -> dict[str, float]:
         out.backward(grad)
 
     return {name: median_ms(lambda function=function: forward_backward(function), reps)
-            for name, function in (("harness", mixer_fused), ("mamba_inner_fn", inner))}
+            for name, function in (("harness", mixer_fused), ("mamba_inner_fn", mixer_mamba_ssm))}
 
 
 def parse_tiling(text: str) -> ScanTiling:
