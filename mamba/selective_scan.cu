@@ -74,54 +74,41 @@ __device__ __forceinline__ void store_steps(bf16* p, int remaining, const float*
 
 __device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
 
-// Composes the threads' maps h -> a h + b in thread order, starting from *state (the state before the chunk,
-// the same in every thread). Returns the state before this thread's steps; *state becomes the chunk's final
-// state. maps: NWARPS slots of shared memory, which callers alternate between two sets so that one
+// A value from the lane `offset` places earlier in the scan's order: lower lanes forward, higher in reverse.
+template <bool Reverse>
+__device__ __forceinline__ float from_earlier_lane(float value, int offset) {
+    return Reverse ? __shfl_down_sync(FULL_MASK, value, offset) : __shfl_up_sync(FULL_MASK, value, offset);
+}
+
+// Composes the threads' maps h -> a h + b in scan order (thread order forward, reverse order for the
+// backward's gradients), starting from *state (the value before the chunk in that order, the same in every
+// thread). Returns the value before this thread's steps in that order; *state becomes the value after the
+// chunk. maps: NWARPS slots of shared memory, which callers alternate between two sets so that one
 // __syncthreads per scan keeps a slow thread's reads apart from the next scan's writes.
-__device__ __forceinline__ float scan_forward(float a, float b, float* state, float2* maps) {
+template <bool Reverse>
+__device__ __forceinline__ float scan_maps(float a, float b, float* state, float2* maps) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int first_lane = Reverse ? 31 : 0, last_lane = 31 - first_lane;  // in the scan's order
 #pragma unroll
     for (int offset = 1; offset < 32; offset <<= 1) {
-        const float a_before = __shfl_up_sync(FULL_MASK, a, offset), b_before = __shfl_up_sync(FULL_MASK, b, offset);
-        if (lane >= offset) { b = fmaf(a, b_before, b); a *= a_before; }
+        const float a_earlier = from_earlier_lane<Reverse>(a, offset);
+        const float b_earlier = from_earlier_lane<Reverse>(b, offset);
+        if (Reverse ? lane + offset < 32 : lane >= offset) { b = fmaf(a, b_earlier, b); a *= a_earlier; }
     }
-    float a_exclusive = __shfl_up_sync(FULL_MASK, a, 1), b_exclusive = __shfl_up_sync(FULL_MASK, b, 1);
-    if (lane == 0) { a_exclusive = 1.f; b_exclusive = 0.f; }
-    if (lane == 31) maps[warp] = make_float2(a, b);
+    float a_exclusive = from_earlier_lane<Reverse>(a, 1), b_exclusive = from_earlier_lane<Reverse>(b, 1);
+    if (lane == first_lane) { a_exclusive = 1.f; b_exclusive = 0.f; }
+    if (lane == last_lane) maps[warp] = make_float2(a, b);
     __syncthreads();
     float h = *state, h_thread = 0.f;
 #pragma unroll
-    for (int w = 0; w < NWARPS; ++w) {
+    for (int i = 0; i < NWARPS; ++i) {
+        const int w = Reverse ? NWARPS - 1 - i : i;
         if (w == warp) h_thread = fmaf(a_exclusive, h, b_exclusive);
         const float2 map = maps[w];
         h = fmaf(map.x, h, map.y);
     }
     *state = h;
     return h_thread;
-}
-
-// The same in reverse thread order: *state is the value after the chunk, the return the value after this
-// thread's steps, and *state becomes the value before the chunk.
-__device__ __forceinline__ float scan_reverse(float a, float b, float* state, float2* maps) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-        const float a_after = __shfl_down_sync(FULL_MASK, a, offset), b_after = __shfl_down_sync(FULL_MASK, b, offset);
-        if (lane + offset < 32) { b = fmaf(a, b_after, b); a *= a_after; }
-    }
-    float a_exclusive = __shfl_down_sync(FULL_MASK, a, 1), b_exclusive = __shfl_down_sync(FULL_MASK, b, 1);
-    if (lane == 31) { a_exclusive = 1.f; b_exclusive = 0.f; }
-    if (lane == 0) maps[warp] = make_float2(a, b);
-    __syncthreads();
-    float s = *state, s_thread = 0.f;
-#pragma unroll
-    for (int w = NWARPS - 1; w >= 0; --w) {
-        if (w == warp) s_thread = fmaf(a_exclusive, s, b_exclusive);
-        const float2 map = maps[w];
-        s = fmaf(map.x, s, map.y);
-    }
-    *state = s;
-    return s_thread;
 }
 
 extern "C" __global__ void __launch_bounds__(NTHREADS) selective_scan_forward(
@@ -169,7 +156,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) selective_scan_forward(
                 b = fmaf(decay[i], b, delta_u[i] * B_t[i]);
                 a *= decay[i];
             }
-            float h = scan_forward(a, b, &state[n], maps[parity]);
+            float h = scan_maps<false>(a, b, &state[n], maps[parity]);
             parity ^= 1;
 #pragma unroll
             for (int i = 0; i < NITEMS; ++i) {
@@ -352,7 +339,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(NTH
                 a *= decay[i];
             }
             float chunk_start = chunk > 0 ? chunk_states[(row * chunks + chunk - 1) * DSTATE + n] : 0.f;
-            float h = scan_forward(a, b, &chunk_start, maps[parity]);
+            float h = scan_maps<false>(a, b, &chunk_start, maps[parity]);
             parity ^= 1;
 #pragma unroll
             for (int i = 0; i < NITEMS; ++i) {
@@ -366,7 +353,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(NTH
                 b = decay[i] * (b + C_t[i] * dy[i]);
                 a *= decay[i];
             }
-            float s = scan_reverse(a, b, &after[n], maps[parity]);
+            float s = scan_maps<true>(a, b, &after[n], maps[parity]);
             parity ^= 1;
             float dB_terms[NITEMS], dC_terms[NITEMS], dA_n = 0.f;
 #pragma unroll
