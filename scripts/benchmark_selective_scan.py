@@ -8,8 +8,8 @@ The selective scan takes over half of a Mamba step (docs/performance.md). This t
 (the stock model's) and the harness's (mamba/scan_kernel.py), forward and backward, with the gate z, softplus
 on delta, D and a delta bias as Mamba calls them, on the plan's micro-batch, 2 x d_model channels, 8192 steps
 and 16 states. The harness's run on Mamba's B and C (one pair per sequence), once per --tilings entry
-(steps per thread x channels per cluster x states per sum; default: the shipped tiling). mamba-ssm's run with
-B and C four ways:
+(steps per thread x channels per cluster x states per sum [x threads per block]; default: the shipped
+tiling). mamba-ssm's run with B and C four ways:
 - one (N, L) pair per sequence, read by every channel: Mamba's selective scan. The kernels give each channel a
   thread block of its own, so each block reads all of B and C, and in the backward adds its share of their
   gradients into float32 buffers with one atomic add per channel, state and step;
@@ -103,8 +103,7 @@ def time_all(selective_scan_cuda, batch: int, channels: int, tilings: list[ScanT
     for variant, pairs in VARIANTS.items():
         yield "mamba-ssm", variant, time_scan(selective_scan_cuda, batch, channels, pairs, reps)
     for tiling in tilings:
-        name = f"harness {tiling.steps_per_thread}x{tiling.cluster}x{tiling.states_per_sum}"
-        yield name, "one per sequence", time_harness_scan(batch, channels, tiling, reps)
+        yield f"harness {tiling_label(tiling)}", "one per sequence", time_harness_scan(batch, channels, tiling, reps)
 
 
 def time_mixers(size: str, reps: int) -> dict[str, float]:
@@ -130,8 +129,17 @@ def time_mixers(size: str, reps: int) -> dict[str, float]:
 
 
 def parse_tiling(text: str) -> ScanTiling:
-    steps, cluster, states = (int(part) for part in text.split("x"))
-    return ScanTiling(steps_per_thread=steps, cluster=cluster, states_per_sum=states)
+    """STEPSxCLUSTERxSTATES, with xTHREADS after it where the block is not the shipped tiling's size."""
+    steps, cluster, states, *threads = (int(part) for part in text.split("x"))
+    if len(threads) > 1:
+        raise ValueError(text)
+    return ScanTiling(threads=threads[0] if threads else TILING.threads, steps_per_thread=steps, cluster=cluster,
+                      states_per_sum=states)
+
+
+def tiling_label(tiling: ScanTiling) -> str:
+    label = f"{tiling.steps_per_thread}x{tiling.cluster}x{tiling.states_per_sum}"
+    return label if tiling.threads == TILING.threads else f"{label}x{tiling.threads}"
 
 
 def main() -> int:
@@ -139,15 +147,16 @@ def main() -> int:
     parser.add_argument("--sizes", default="0.5B,1.5B,3B", help="comma-separated Mamba sizes (paper shapes)")
     parser.add_argument("--rounds", type=int, default=2, help="repeat every timing, for the spread")
     parser.add_argument("--reps", type=int, default=10, help="timed calls per median")
-    parser.add_argument("--tilings", default=f"{TILING.steps_per_thread}x{TILING.cluster}x{TILING.states_per_sum}",
-                        help="the harness kernel's tilings to time: STEPSxCLUSTERxSTATES, comma-separated")
+    parser.add_argument("--tilings", default=tiling_label(TILING),
+                        help="the harness kernel's tilings to time, comma-separated: STEPSxCLUSTERxSTATES[xTHREADS]")
     parser.add_argument("--output", type=Path, help="JSON file (default: docs/benchmarks/selective_scan_<gpu>.json)")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     try:
         tilings = [parse_tiling(text) for text in args.tilings.split(",")]
     except ValueError:
-        parser.error(f"--tilings: expected STEPSxCLUSTERxSTATES entries such as 8x8x2, got {args.tilings!r}")
+        parser.error(f"--tilings: expected STEPSxCLUSTERxSTATES[xTHREADS] entries such as 8x8x2 or 8x4x2x64, got "
+                     f"{args.tilings!r}")
     if unknown := [size for size in sizes if size not in FAMILY.gpu_plan]:
         parser.error(f"--sizes: {', '.join(unknown)} not among {', '.join(FAMILY.gpu_plan)}")
     if not torch.cuda.is_available():

@@ -464,14 +464,19 @@ def test_scan_kernel_refuses_lengths_it_cannot_read_eight_at_a_time(length):
 
 @cuda
 @pytest.mark.gpu
-def test_mamba_scan_kernel_matches_mamba_ssm():
+@pytest.mark.parametrize("tiling", [{}, {"cluster": 8}, {"threads": 64}, {"threads": 256, "states_per_sum": 1}],
+                         ids=["shipped", "cluster 8", "64 threads", "256 threads, one state per sum"])
+def test_mamba_scan_kernel_matches_mamba_ssm(tiling):
     """The harness's selective scan against mamba-ssm's selective_scan_cuda on the same bf16 inputs: every output
-    and gradient (dB and dC summed over channels by thread-block clusters) within bf16 rounding of each other."""
+    and gradient (dB and dC summed over channels by thread-block clusters) within bf16 rounding of each other, in
+    the shipped tiling and in others that scripts/benchmark_selective_scan.py times."""
     if not mamba_model.fused_kernels_available():
         pytest.skip("mamba-ssm not installed")
     import selective_scan_cuda
 
-    from mamba.scan_kernel import scan_backward, scan_forward
+    from mamba.scan_kernel import ScanTiling, scan_backward, scan_forward
+
+    tiling = ScanTiling(**tiling)
 
     torch.manual_seed(5)
     batch, channels, length, d_state = 2, 64, 2600, mamba_model.D_STATE
@@ -484,9 +489,9 @@ def test_mamba_scan_kernel_matches_mamba_ssm():
     B, C = bf16(batch, d_state, length), bf16(batch, d_state, length)
     A = -torch.rand(channels, d_state, device="cuda") * d_state - 0.5
     D, delta_bias = torch.randn(channels, device="cuda"), 0.3 * torch.randn(channels, device="cuda")
-    out, out_z, states = scan_forward(u, delta, A, B, C, D, z, delta_bias)
+    out, out_z, states = scan_forward(u, delta, A, B, C, D, z, delta_bias, tiling=tiling)
     dz = torch.empty_like(z)
-    ours = (out, out_z, *scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz), dz)
+    ours = (out, out_z, *scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz, tiling=tiling), dz)
     args = (u, delta, A, B[:, None], C[:, None], D, z, delta_bias)
     theirs_out, theirs_states, theirs_out_z = selective_scan_cuda.fwd(*args, True)
     du, ddelta, dA, dB, dC, dD, ddelta_bias, theirs_dz, theirs_out_z_again = selective_scan_cuda.bwd(
