@@ -25,7 +25,7 @@ class ScanTiling:
     threads: int = 128  # per thread block, one (sequence, channel)
     steps_per_thread: int = 8  # a multiple of 8
     states_per_sum: int = 2  # states whose dB and dC terms a cluster sums between two of its barriers
-    cluster: int = 8  # channels per thread-block cluster in the backward, at most; see cluster_size
+    cluster: int = 4  # channels per thread-block cluster in the backward, at most; see cluster_size
 
     @property
     def chunk(self) -> int:
