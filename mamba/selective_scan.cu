@@ -24,6 +24,7 @@ typedef unsigned short bf16;
 #define LOG2E 1.4426950408889634f
 
 static_assert(NITEMS % 8 == 0, "threads load their steps eight bf16 at a time");
+static_assert(NTHREADS % 32 == 0 && NTHREADS <= 1024, "whole warps: the block scans combine warps' results");
 static_assert(CHUNK % (4 * CLUSTER) == 0 && DSTATE % GROUP == 0, "whole float4s per slice, whole groups of states");
 
 __device__ __forceinline__ float bf16_to_float(unsigned bits) { return __uint_as_float(bits << 16); }
