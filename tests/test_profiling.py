@@ -15,6 +15,7 @@ from training_harness.profiling import (
     ENERGY_METRICS,
     STEP_LABEL,
     TritonCompileLog,
+    gpu_kernels,
     measured_steps,
     profile_steps,
     step_idle,
@@ -84,6 +85,16 @@ def test_step_idle_counts_overlapping_kernels_once_and_names_the_longest_wait():
                                     "idle_before": "step end"})
 
 
+def test_gpu_kernels_leave_out_the_spans_of_host_ranges_on_the_gpu_timeline():
+    def event(name, device_type, annotation=False):
+        return types.SimpleNamespace(name=name, device_type=device_type, is_user_annotation=annotation)
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [event(STEP_LABEL, cpu), event(STEP_LABEL, cuda, True), event("Optimizer.step#AdamW.step", cuda, True),
+              event("multi_tensor_apply_kernel", cuda), event("aten::mm", cpu), event("Memcpy DtoD", cuda)]
+    assert [kernel.name for kernel in gpu_kernels(events)] == ["multi_tensor_apply_kernel", "Memcpy DtoD"]
+
+
 def test_profile_steps_reports_every_step_and_a_cpu_step_as_all_waiting():
     profile = profile_steps(lambda: time.sleep(0.02), 3, top=5, step_s=0.02)
     assert profile["gpu_kernel_s_per_step"] == 0 and profile["top_kernels"] == []
@@ -107,13 +118,15 @@ def test_profile_steps_puts_each_gpu_kernel_in_its_step_and_names_the_wait_for_t
     matrix = torch.randn(4096, 4096, device="cuda")
 
     def step():
-        for _ in range(4):
-            matrix @ matrix
+        with torch.profiler.record_function("products"):  # on the GPU's timeline too, as AdamW's step range is
+            for _ in range(4):
+                matrix @ matrix
         time.sleep(0.1)  # host work after the launches: the GPU waits until the step's end
 
     step()  # cuBLAS's first call, which starts slowly, before the profile, as a run's timed steps come first
     profile = profile_steps(step, 2, top=3, step_s=0.1)
     assert profile["top_kernels"] and len(profile["steps"]) == 2
+    assert {"products", STEP_LABEL}.isdisjoint(kernel["name"] for kernel in profile["top_kernels"])
     busy = sum(step["gpu_busy_s"] for step in profile["steps"])
     assert busy == pytest.approx(2 * profile["gpu_kernel_s_per_step"], rel=0.1)  # each kernel inside its step
     for step in profile["steps"]:

@@ -83,8 +83,7 @@ def profile_steps(step: Callable[[], None], steps: int, top: int, step_s: float,
     if trace:
         profiler.export_chrome_trace(trace)
     events = profiler.events()
-    kernels = [event for event in events
-               if event.device_type == torch.autograd.DeviceType.CUDA and event.name != STEP_LABEL]
+    kernels = gpu_kernels(events)
     by_name: dict[str, float] = defaultdict(float)
     for event in kernels:
         by_name[event.name] += event.device_time / 1e6 / steps
@@ -97,6 +96,14 @@ def profile_steps(step: Callable[[], None], steps: int, top: int, step_s: float,
             "top_kernels": [{"name": name[:120], "s_per_step": seconds, "share": seconds / total}
                             for name, seconds in ranked],
             "steps": step_idle(sorted(ranges), spans)}
+
+
+def gpu_kernels(events: list) -> list:
+    """The profiler's GPU events that are kernels (and copies), not the spans on the GPU's timeline that name
+    a host range around them: this module's step label, the optimizers' ``Optimizer.step#AdamW.step``. Counted
+    as kernels, those would add their length to the kernel seconds a second time."""
+    return [event for event in events
+            if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation]
 
 
 def step_idle(step_ranges: list[tuple[float, float]], kernels: list[tuple[float, float, str]]) -> list[dict]:
