@@ -75,6 +75,12 @@ __device__ __forceinline__ void store_steps(bf16* p, int remaining, const float*
 
 __device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
 
+// Where the block's (sequence, channel) row starts in a tensor with these strides: blockIdx is (channel, sequence).
+__device__ __forceinline__ long long row_start(int batch_stride, int channel_stride) {
+    const int channel = blockIdx.x, sequence = blockIdx.y;
+    return sequence * (long long)batch_stride + channel * (long long)channel_stride;
+}
+
 // A value from the lane `offset` places earlier in the scan's order: lower lanes forward, higher in reverse.
 template <bool Reverse>
 __device__ __forceinline__ float from_earlier_lane(float value, int offset) {
@@ -121,10 +127,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) selective_scan_forward(
     __shared__ float2 maps[2][NWARPS];
     const int channel = blockIdx.x, sequence = blockIdx.y, chunks = (length + CHUNK - 1) / CHUNK;
     const long long row = (long long)sequence * channels + channel;  // out: contiguous (batch, channels, L)
-    out_z += sequence * (long long)out_z_batch_stride + channel * (long long)out_z_channel_stride;
-    u += sequence * (long long)u_batch_stride + channel * (long long)u_channel_stride;
-    delta += sequence * (long long)delta_batch_stride + channel * (long long)delta_channel_stride;
-    z += sequence * (long long)z_batch_stride + channel * (long long)z_channel_stride;
+    out_z += row_start(out_z_batch_stride, out_z_channel_stride);
+    u += row_start(u_batch_stride, u_channel_stride);
+    delta += row_start(delta_batch_stride, delta_channel_stride);
+    z += row_start(z_batch_stride, z_channel_stride);
     B += (long long)sequence * DSTATE * length;
     C += (long long)sequence * DSTATE * length;
     const float skip = D[channel], bias = delta_bias[channel];
@@ -270,12 +276,12 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(NTH
     __shared__ float scratch[NWARPS];
     const int channel = blockIdx.x, sequence = blockIdx.y, chunks = (length + CHUNK - 1) / CHUNK;
     const long long row = (long long)sequence * channels + channel;  // out: contiguous (batch, channels, L)
-    const long long grad_row = sequence * (long long)grad_batch_stride + channel * (long long)grad_channel_stride;
-    u += sequence * (long long)u_batch_stride + channel * (long long)u_channel_stride;
-    delta += sequence * (long long)delta_batch_stride + channel * (long long)delta_channel_stride;
-    z += sequence * (long long)z_batch_stride + channel * (long long)z_channel_stride;
-    dout += sequence * (long long)dout_batch_stride + channel * (long long)dout_channel_stride;
-    dz += sequence * (long long)dz_batch_stride + channel * (long long)dz_channel_stride;
+    const long long grad_row = row_start(grad_batch_stride, grad_channel_stride);
+    u += row_start(u_batch_stride, u_channel_stride);
+    delta += row_start(delta_batch_stride, delta_channel_stride);
+    z += row_start(z_batch_stride, z_channel_stride);
+    dout += row_start(dout_batch_stride, dout_channel_stride);
+    dz += row_start(dz_batch_stride, dz_channel_stride);
     B += (long long)sequence * DSTATE * length;
     C += (long long)sequence * DSTATE * length;
     dB += (long long)sequence * DSTATE * length;
