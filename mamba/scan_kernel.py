@@ -31,6 +31,10 @@ class ScanTiling:
     def chunk(self) -> int:
         return self.threads * self.steps_per_thread
 
+    def chunks(self, length: int) -> int:
+        """Chunks a sequence of ``length`` steps takes: the forward keeps each one's final states."""
+        return -(-length // self.chunk)
+
     def cluster_size(self, channels: int) -> int:
         """The largest power of two up to ``cluster`` that divides ``channels``."""
         size = self.cluster
@@ -128,8 +132,7 @@ def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     batch, channels, length = u.shape
     out = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
     out_z = channel_major(batch, channels, length, u.device)
-    chunks = -(-length // tiling.chunk)
-    states = torch.empty(batch, channels, chunks, A.shape[1], dtype=torch.float32, device=u.device)
+    states = torch.empty(batch, channels, tiling.chunks(length), A.shape[1], dtype=torch.float32, device=u.device)
     kernel = _kernels(u.device.index, A.shape[1], tiling.cluster_size(channels), tiling)["selective_scan_forward"]
     kernel(grid=(channels, batch, 1), block=(tiling.threads, 1, 1),
            args=[u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), out, out_z, states,
@@ -151,7 +154,7 @@ def scan_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     """
     _check_shapes(u, A, B, C)
     batch, channels, length = u.shape
-    if not out.is_contiguous() or states.shape != (batch, channels, -(-length // tiling.chunk), A.shape[1]):
+    if not out.is_contiguous() or states.shape != (batch, channels, tiling.chunks(length), A.shape[1]):
         raise ValueError("out and states must be those of scan_forward with the same tiling")
     du, ddelta, out_z = (channel_major(batch, channels, length, u.device) for _ in range(3))
     dA = torch.zeros(A.shape, dtype=torch.float32, device=u.device)

@@ -448,6 +448,7 @@ def test_scan_tiling_clusters_divide_the_channels():
     assert [tiling.cluster_size(channels) for channels in (3072, 5120, 100, 6, 7)] == [8, 8, 4, 2, 1]
     assert ScanTiling(cluster=4).cluster_size(3072) == 4
     assert tiling.chunk == 1024 and tiling.backward_shared_bytes() == 3 * 2 * 2 * 1024 * 4
+    assert [tiling.chunks(length) for length in (8, 1024, 1032, 8192)] == [1, 1, 2, 8]
 
 
 @pytest.mark.parametrize("length", [0, 12])
