@@ -2,7 +2,7 @@
 """The selective scan's kernels at each Mamba size's plan: mamba-ssm's and the harness's (needs CUDA, mamba-ssm).
 
     python scripts/benchmark_selective_scan.py [--sizes 0.5B,1.5B,3B] [--rounds 2] [--tilings 8x8x2,...]
-        [--output FILE]
+        [--energy_window 2] [--output FILE]
 
 The selective scan takes over half of a Mamba step (docs/performance.md). This times mamba-ssm's kernels
 (the stock model's) and the harness's (mamba/scan_kernel.py), forward and backward, with the gate z, softplus
@@ -20,14 +20,19 @@ tiling). mamba-ssm's run with B and C four ways:
 Last, the whole mixer after its input projection (conv, projections, scan, gate, output projection), forward
 and backward under bf16 autocast: the harness's fused function against mamba-ssm's mamba_inner_fn.
 Each timing is the median of --reps calls timed with CUDA events, after a warm-up; every round repeats all.
+Each scan kernel's energy per call comes from the GPU's energy counter (NVML) over back-to-back calls filling
+about --energy_window seconds: where a training step runs at the card's power limit, a kernel that does its
+work with less energy is what lets the step go faster, and a shorter kernel at the same energy is not.
 Prints one line per timing and writes them as JSON (default docs/benchmarks/selective_scan_<gpu>.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from efficientllm_metrics import write_json_atomic  # noqa: E402
+from efficientllm_metrics import open_nvml, write_json_atomic  # noqa: E402
 from mamba.model import D_STATE, EXPAND, FAMILY, INSTALL_HINT, SHAPES, MambaMixer  # noqa: E402
 from mamba.scan_kernel import TILING, ScanTiling, scan_backward, scan_forward  # noqa: E402
 from mamba.selective_scan import mixer_fused, mixer_mamba_ssm  # noqa: E402
@@ -60,6 +65,43 @@ def median_ms(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
+def next_reading(read: Callable[[], float], timeout_s: float = 1.0) -> float:
+    """The counter's first value after it next moves. NVML's energy counter moves in steps a few milliseconds
+    apart, so a window opened and closed on its steps holds whole steps: at most the last step's idle energy more."""
+    first, deadline = read(), time.monotonic() + timeout_s
+    while (value := read()) == first:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the GPU's energy counter did not move in {timeout_s} s")
+    return value
+
+
+def joules_per_call(fn: Callable[[], object], calls: int, read_energy_j: Callable[[], float],
+                    synchronize: Callable[[], None] = torch.cuda.synchronize) -> float:
+    """Energy per call of ``fn`` over ``calls`` back-to-back calls, from a cumulative counter in joules."""
+    synchronize()
+    start = next_reading(read_energy_j)
+    for _ in range(calls):
+        fn()
+    synchronize()
+    return (next_reading(read_energy_j) - start) / calls
+
+
+class KernelMeter:
+    """Median milliseconds, and millijoules per call where NVML reads the GPU's energy counter."""
+
+    def __init__(self, reps: int, energy_window_s: float):
+        self.reps, self.energy_window_s = reps, energy_window_s
+        nvml, self.energy_unmeasured = open_nvml([torch.cuda.current_device()])
+        self.read_energy_j = (lambda: nvml.energy_j(0)) if nvml else None
+
+    def measure(self, fn: Callable[[], object]) -> tuple[float, float | None]:
+        milliseconds = median_ms(fn, self.reps)
+        if self.read_energy_j is None:
+            return milliseconds, None
+        calls = max(self.reps, math.ceil(self.energy_window_s * 1000 / milliseconds))
+        return milliseconds, 1000 * joules_per_call(fn, calls, self.read_energy_j)
+
+
 def scan_inputs(batch: int, channels: int, pairs: int | None) -> dict[str, torch.Tensor]:
     """Random inputs in the kernels' layouts (bf16 activations, float32 parameters), with ``pairs`` (B, C) pairs
     per sequence (``VARIANTS``)."""
@@ -76,34 +118,39 @@ def scan_inputs(batch: int, channels: int, pairs: int | None) -> dict[str, torch
             "delta_bias": torch.randn(channels, device="cuda") * 0.3, "dout": bf16(batch, channels, SEQ_LEN)}
 
 
-def time_scan(selective_scan_cuda, batch: int, channels: int, pairs: int | None, reps: int) -> tuple[float, float]:
-    """Median forward and backward ms of mamba-ssm's extension module ``selective_scan_cuda``."""
+Measurement = tuple[float, float | None]  # ms, mJ per call (None: unmeasured)
+
+
+def time_scan(selective_scan_cuda, batch: int, channels: int, pairs: int | None,
+              meter: KernelMeter) -> tuple[Measurement, Measurement]:
+    """Forward and backward of mamba-ssm's extension module ``selective_scan_cuda``."""
     x = scan_inputs(batch, channels, pairs)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
     out, states, _ = selective_scan_cuda.fwd(*args, True)
-    forward = median_ms(lambda: selective_scan_cuda.fwd(*args, True), reps)
+    forward = meter.measure(lambda: selective_scan_cuda.fwd(*args, True))
     # The backward as mamba_inner_fn calls it: dz written, out * silu(z) recomputed.
-    backward = median_ms(lambda: selective_scan_cuda.bwd(*args, x["dout"], states, out, None, True, True), reps)
+    backward = meter.measure(lambda: selective_scan_cuda.bwd(*args, x["dout"], states, out, None, True, True))
     return forward, backward
 
 
-def time_harness_scan(batch: int, channels: int, tiling: ScanTiling, reps: int) -> tuple[float, float]:
-    """Median forward and backward ms of the harness's kernels, B and C one pair per sequence."""
+def time_harness_scan(batch: int, channels: int, tiling: ScanTiling,
+                      meter: KernelMeter) -> tuple[Measurement, Measurement]:
+    """Forward and backward of the harness's kernels, B and C one pair per sequence."""
     x = scan_inputs(batch, channels, 1)
     args = (x["u"], x["delta"], x["A"], x["B"][:, 0], x["C"][:, 0], x["D"], x["z"], x["delta_bias"])
     out, _, states = scan_forward(*args, tiling=tiling)
     dz = torch.empty_like(x["z"])
-    forward = median_ms(lambda: scan_forward(*args, tiling=tiling), reps)
-    backward = median_ms(lambda: scan_backward(*args, x["dout"], states, out, dz, tiling=tiling), reps)
+    forward = meter.measure(lambda: scan_forward(*args, tiling=tiling))
+    backward = meter.measure(lambda: scan_backward(*args, x["dout"], states, out, dz, tiling=tiling))
     return forward, backward
 
 
-def time_all(selective_scan_cuda, batch: int, channels: int, tilings: list[ScanTiling], reps: int):
-    """(kernel, B and C, (forward ms, backward ms)): mamba-ssm's four layouts, then the harness's tilings."""
+def time_all(selective_scan_cuda, batch: int, channels: int, tilings: list[ScanTiling], meter: KernelMeter):
+    """(kernel, B and C, (forward, backward)): mamba-ssm's four layouts, then the harness's tilings."""
     for variant, pairs in VARIANTS.items():
-        yield "mamba-ssm", variant, time_scan(selective_scan_cuda, batch, channels, pairs, reps)
+        yield "mamba-ssm", variant, time_scan(selective_scan_cuda, batch, channels, pairs, meter)
     for tiling in tilings:
-        yield f"harness {tiling_label(tiling)}", "one per sequence", time_harness_scan(batch, channels, tiling, reps)
+        yield f"harness {tiling_label(tiling)}", "one per sequence", time_harness_scan(batch, channels, tiling, meter)
 
 
 def time_mixers(size: str, reps: int) -> dict[str, float]:
@@ -142,11 +189,17 @@ def tiling_label(tiling: ScanTiling) -> str:
     return label if tiling.threads == TILING.threads else f"{label}x{tiling.threads}"
 
 
+def energy_text(millijoules: float | None) -> str:
+    return "(energy unmeasured)" if millijoules is None else f"{millijoules:6.1f} mJ"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.5B,1.5B,3B", help="comma-separated Mamba sizes (paper shapes)")
     parser.add_argument("--rounds", type=int, default=2, help="repeat every timing, for the spread")
     parser.add_argument("--reps", type=int, default=10, help="timed calls per median")
+    parser.add_argument("--energy_window", type=float, default=2.0,
+                        help="seconds of back-to-back calls over which each scan kernel's energy per call is read")
     parser.add_argument("--tilings", default=tiling_label(TILING),
                         help="the harness kernel's tilings to time, comma-separated: STEPSxCLUSTERxSTATES[xTHREADS]")
     parser.add_argument("--output", type=Path, help="JSON file (default: docs/benchmarks/selective_scan_<gpu>.json)")
@@ -169,19 +222,25 @@ def main() -> int:
               f"{INSTALL_HINT}", file=sys.stderr)
         return 1
     gpu = torch.cuda.get_device_name()
-    print(f"{gpu}, torch {torch.__version__}")
+    meter = KernelMeter(args.reps, args.energy_window)
+    print(f"{gpu}, torch {torch.__version__}" + (f"; energy not measured: {meter.energy_unmeasured}"
+                                                  if meter.energy_unmeasured else ""))
     rows = []
     for round_index in range(args.rounds):
         for size in sizes:
             batch = FAMILY.gpu_plan[size]["micro_batch_size"]
             channels = EXPAND * SHAPES["paper"][size]["d_model"]
             for kernel, variant, (forward, backward) in time_all(selective_scan_cuda, batch, channels, tilings,
-                                                                 args.reps):
-                rows.append({"round": round_index, "size": size, "batch": batch, "channels": channels,
-                             "kernel": kernel, "B_and_C": variant, "forward_ms": round(forward, 3),
-                             "backward_ms": round(backward, 3)})
+                                                                 meter):
+                row = {"round": round_index, "size": size, "batch": batch, "channels": channels, "kernel": kernel,
+                       "B_and_C": variant}
+                for name, (milliseconds, millijoules) in (("forward", forward), ("backward", backward)):
+                    row[f"{name}_ms"] = round(milliseconds, 3)
+                    row[f"{name}_mJ"] = None if millijoules is None else round(millijoules, 2)
+                rows.append(row)
                 print(f"round {round_index} {size:>4} batch {batch} x {channels} channels, {kernel:>15}, B and C "
-                      f"{variant:>16}: forward {forward:6.3f} ms, backward {backward:6.3f} ms", flush=True)
+                      f"{variant:>16}: forward {forward[0]:6.3f} ms {energy_text(forward[1])}, backward "
+                      f"{backward[0]:6.3f} ms {energy_text(backward[1])}", flush=True)
                 torch.cuda.empty_cache()
             for kernel, milliseconds in time_mixers(size, args.reps).items():
                 rows.append({"round": round_index, "size": size, "batch": batch, "channels": channels,
@@ -191,6 +250,7 @@ def main() -> int:
             torch.cuda.empty_cache()
     output = args.output or ROOT / "docs" / "benchmarks" / f"selective_scan_{gpu.replace(' ', '_')}.json"
     write_json_atomic(output, {"device": gpu, "torch": torch.__version__, "seq_len": SEQ_LEN, "d_state": D_STATE,
+                               "energy_window_s": args.energy_window, "energy_unmeasured": meter.energy_unmeasured,
                                "rows": rows})
     print(f"wrote {output}")
     return 0

@@ -48,3 +48,47 @@ def test_a_stock_model_beyond_an_80_gb_card_is_also_timed_at_the_largest_micro_b
     assert harness["speedup_vs_stock"] is None  # no stock figure at the same micro-batch
     assert harness["stock_fitting_micro"] == 2
     assert harness["speedup_vs_stock_fitting"] == pytest.approx(105 / 72)
+
+
+class SteppedEnergyCounter:
+    """A GPU's energy counter on a fake clock: it shows the energy used up to its last update, one every
+    ``period`` ticks. A kernel call takes 7 ticks and 2 J; a read of the counter takes one tick, idle (1 mJ)."""
+
+    def __init__(self, period: int = 25):
+        self.period, self.tick, self.joules, self.history = period, 0, 0.0, [0.0]
+
+    def _advance(self, ticks: int, joules: float) -> None:
+        for _ in range(ticks):
+            self.tick += 1
+            self.joules += joules / ticks
+            self.history.append(self.joules)
+
+    def call(self) -> None:
+        self._advance(7, 2.0)
+
+    def read(self) -> float:
+        self._advance(1, 0.001)
+        return self.history[self.tick - self.tick % self.period]
+
+
+def test_kernel_energy_is_read_between_updates_of_the_counter():
+    """Read at arbitrary times, a stale counter misses the calls since its last update; opened and closed on its
+    updates, the window holds every call and at most one update period of idle energy."""
+    script = load_script("benchmark_selective_scan")
+    counter = SteppedEnergyCounter()
+    counter._advance(11, 0.0)  # calls start between two updates
+    per_call = script.joules_per_call(counter.call, 100, counter.read, synchronize=lambda: None)
+    assert per_call == pytest.approx(2.0, abs=0.001)
+
+    stale = SteppedEnergyCounter()
+    stale._advance(11, 0.0)
+    start = stale.read()
+    for _ in range(100):
+        stale.call()
+    assert (stale.read() - start) / 100 < 1.98  # what reading without waiting for an update would give
+
+
+def test_a_stuck_energy_counter_is_an_error_not_a_wait_forever():
+    script = load_script("benchmark_selective_scan")
+    with pytest.raises(RuntimeError, match="energy counter did not move"):
+        script.next_reading(lambda: 5.0, timeout_s=0.01)
