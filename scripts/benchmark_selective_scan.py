@@ -23,7 +23,8 @@ Each timing is the median of --reps calls timed with CUDA events, after a warm-u
 Each scan kernel's energy per call comes from the GPU's energy counter (NVML) over back-to-back calls filling
 about --energy_window seconds: where a training step runs at the card's power limit, a kernel that does its
 work with less energy is what lets the step go faster, and a shorter kernel at the same energy is not.
-Prints one line per timing and writes them as JSON (default docs/benchmarks/selective_scan_<gpu>.json).
+Prints one line per timing and writes them as JSON after every size (default
+docs/benchmarks/selective_scan_<gpu>.json).
 """
 
 from __future__ import annotations
@@ -225,6 +226,9 @@ def main() -> int:
     meter = KernelMeter(args.reps, args.energy_window)
     print(f"{gpu}, torch {torch.__version__}" + (f"; energy not measured: {meter.energy_unmeasured}"
                                                   if meter.energy_unmeasured else ""))
+    output = args.output or ROOT / "docs" / "benchmarks" / f"selective_scan_{gpu.replace(' ', '_')}.json"
+    header = {"device": gpu, "torch": torch.__version__, "seq_len": SEQ_LEN, "d_state": D_STATE,
+              "energy_window_s": args.energy_window, "energy_unmeasured": meter.energy_unmeasured}
     rows = []
     for round_index in range(args.rounds):
         for size in sizes:
@@ -248,10 +252,7 @@ def main() -> int:
                 print(f"round {round_index} {size:>4} batch {batch} x {channels} channels, the mixer on {kernel:>14}: "
                       f"forward and backward {milliseconds:6.3f} ms", flush=True)
             torch.cuda.empty_cache()
-    output = args.output or ROOT / "docs" / "benchmarks" / f"selective_scan_{gpu.replace(' ', '_')}.json"
-    write_json_atomic(output, {"device": gpu, "torch": torch.__version__, "seq_len": SEQ_LEN, "d_state": D_STATE,
-                               "energy_window_s": args.energy_window, "energy_unmeasured": meter.energy_unmeasured,
-                               "rows": rows})
+            write_json_atomic(output, {**header, "rows": rows})  # after every size: a stopped run keeps its rows
     print(f"wrote {output}")
     return 0
 
