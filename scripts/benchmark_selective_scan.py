@@ -21,8 +21,10 @@ Last, the whole mixer after its input projection (conv, projections, scan, gate,
 and backward under bf16 autocast: the harness's fused function against mamba-ssm's mamba_inner_fn.
 Each timing is the median of --reps calls timed with CUDA events, after a warm-up; every round repeats all.
 Each scan kernel's energy per call comes from the GPU's energy counter (NVML) over back-to-back calls filling
-about --energy_window seconds: where a training step runs at the card's power limit, a kernel that does its
-work with less energy is what lets the step go faster, and a shorter kernel at the same energy is not.
+about --energy_window seconds. Where a training step runs at the card's power limit its speed follows its
+energy, so a kernel's energy per call says what the kernel can give the step there, beside its time (a shorter
+kernel at the same energy gives nothing; a thriftier but slower one may leave the limit: docs/performance.md,
+changes 37-39).
 Prints one line per timing and writes them as JSON after every size (default
 docs/benchmarks/selective_scan_<gpu>.json).
 """
@@ -67,8 +69,9 @@ def median_ms(fn: Callable[[], object], reps: int) -> float:
 
 
 def next_reading(read: Callable[[], float], timeout_s: float = 1.0) -> float:
-    """The counter's first value after it next moves. NVML's energy counter moves in steps a few milliseconds
-    apart, so a window opened and closed on its steps holds whole steps: at most the last step's idle energy more."""
+    """The counter's first value after it next moves. NVML's energy counter is updated in steps, not
+    continuously, so a window opened and closed on its updates misses no energy and adds at most one update
+    interval's idle energy at the end."""
     first, deadline = read(), time.monotonic() + timeout_s
     while (value := read()) == first:
         if time.monotonic() > deadline:

@@ -57,17 +57,17 @@ class SteppedEnergyCounter:
     def __init__(self, period: int = 25):
         self.period, self.tick, self.joules, self.history = period, 0, 0.0, [0.0]
 
-    def _advance(self, ticks: int, joules: float) -> None:
+    def advance(self, ticks: int, joules: float) -> None:
         for _ in range(ticks):
             self.tick += 1
             self.joules += joules / ticks
             self.history.append(self.joules)
 
     def call(self) -> None:
-        self._advance(7, 2.0)
+        self.advance(7, 2.0)
 
     def read(self) -> float:
-        self._advance(1, 0.001)
+        self.advance(1, 0.001)
         return self.history[self.tick - self.tick % self.period]
 
 
@@ -76,16 +76,17 @@ def test_kernel_energy_is_read_between_updates_of_the_counter():
     updates, the window holds every call and at most one update period of idle energy."""
     script = load_script("benchmark_selective_scan")
     counter = SteppedEnergyCounter()
-    counter._advance(11, 0.0)  # calls start between two updates
+    counter.advance(11, 0.0)  # calls start between two updates
     per_call = script.joules_per_call(counter.call, 100, counter.read, synchronize=lambda: None)
     assert per_call == pytest.approx(2.0, abs=0.001)
 
+    # the fake's counter does lag: read without waiting for its updates, the same calls come out short
     stale = SteppedEnergyCounter()
-    stale._advance(11, 0.0)
+    stale.advance(11, 0.0)
     start = stale.read()
     for _ in range(100):
         stale.call()
-    assert (stale.read() - start) / 100 < 1.98  # what reading without waiting for an update would give
+    assert (stale.read() - start) / 100 < 1.98
 
 
 def test_a_stuck_energy_counter_is_an_error_not_a_wait_forever():
