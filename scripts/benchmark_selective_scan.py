@@ -96,7 +96,13 @@ class KernelMeter:
     def __init__(self, reps: int, energy_window_s: float):
         self.reps, self.energy_window_s = reps, energy_window_s
         nvml, self.energy_unmeasured = open_nvml([torch.cuda.current_device()])
-        self.read_energy_j = (lambda: nvml.energy_j(0)) if nvml else None
+        self.read_energy_j = None
+        if nvml:
+            try:
+                nvml.energy_j(0)
+                self.read_energy_j = lambda: nvml.energy_j(0)
+            except Exception as error:  # NVML without the counter (GPUs before Volta): time only
+                self.energy_unmeasured = f"the GPU's energy counter is unreadable ({type(error).__name__}: {error})"
 
     def measure(self, fn: Callable[[], object]) -> tuple[float, float | None]:
         milliseconds = median_ms(fn, self.reps)

@@ -93,3 +93,17 @@ def test_a_stuck_energy_counter_is_an_error_not_a_wait_forever():
     script = load_script("benchmark_selective_scan")
     with pytest.raises(RuntimeError, match="energy counter did not move"):
         script.next_reading(lambda: 5.0, timeout_s=0.01)
+
+
+def test_a_gpu_without_an_energy_counter_is_timed_with_its_energy_unmeasured(monkeypatch):
+    script = load_script("benchmark_selective_scan")
+
+    class NoCounter:
+        def energy_j(self, gpu):
+            raise RuntimeError("Not Supported")
+
+    monkeypatch.setattr(script, "open_nvml", lambda indices: (NoCounter(), None))
+    monkeypatch.setattr(script.torch.cuda, "current_device", lambda: 0)
+    meter = script.KernelMeter(reps=3, energy_window_s=1.0)
+    assert meter.read_energy_j is None
+    assert meter.energy_unmeasured == "the GPU's energy counter is unreadable (RuntimeError: Not Supported)"
