@@ -8,8 +8,8 @@ The selective scan takes over half of a Mamba step (docs/performance.md). This t
 (the stock model's) and the harness's (mamba/scan_kernel.py), forward and backward, with the gate z, softplus
 on delta, D and a delta bias as Mamba calls them, on the plan's micro-batch, 2 x d_model channels, 8192 steps
 and 16 states. The harness's run on Mamba's B and C (one pair per sequence), once per --tilings entry
-(steps per thread x channels per cluster x states per sum [x threads per block]; default: the shipped
-tiling). mamba-ssm's run with B and C four ways:
+(steps per thread x channels per cluster x states per sum [x threads per block] [/ threads per forward block];
+default: the shipped tiling). mamba-ssm's run with B and C four ways:
 - one (N, L) pair per sequence, read by every channel: Mamba's selective scan. The kernels give each channel a
   thread block of its own, so each block reads all of B and C, and in the backward adds its share of their
   gradients into float32 buffers with one atomic add per channel, state and step;
@@ -186,17 +186,21 @@ def time_mixers(size: str, reps: int) -> dict[str, float]:
 
 
 def parse_tiling(text: str) -> ScanTiling:
-    """STEPSxCLUSTERxSTATES, with xTHREADS after it where the block is not the shipped tiling's size."""
-    steps, cluster, states, *threads = (int(part) for part in text.split("x"))
-    if len(threads) > 1:
+    """STEPSxCLUSTERxSTATES, with xTHREADS after it where the block is not the shipped tiling's size, and
+    /FORWARD_THREADS where the forward splits a chunk among another number of threads than the backward."""
+    backward, *forward = text.split("/")
+    steps, cluster, states, *threads = (int(part) for part in backward.split("x"))
+    if len(threads) > 1 or len(forward) > 1:
         raise ValueError(text)
     return ScanTiling(threads=threads[0] if threads else TILING.threads, steps_per_thread=steps, cluster=cluster,
-                      states_per_sum=states)
+                      states_per_sum=states, forward_threads=int(forward[0]) if forward else None)
 
 
 def tiling_label(tiling: ScanTiling) -> str:
     label = f"{tiling.steps_per_thread}x{tiling.cluster}x{tiling.states_per_sum}"
-    return label if tiling.threads == TILING.threads else f"{label}x{tiling.threads}"
+    if tiling.threads != TILING.threads:
+        label += f"x{tiling.threads}"
+    return label if tiling.forward_block == tiling.threads else f"{label}/{tiling.forward_block}"
 
 
 def energy_text(millijoules: float | None) -> str:
@@ -211,15 +215,16 @@ def main() -> int:
     parser.add_argument("--energy_window", type=float, default=2.0,
                         help="seconds of back-to-back calls over which each scan kernel's energy per call is read")
     parser.add_argument("--tilings", default=tiling_label(TILING),
-                        help="the harness kernel's tilings to time, comma-separated: STEPSxCLUSTERxSTATES[xTHREADS]")
+                        help="the harness kernel's tilings to time, comma-separated: "
+                             "STEPSxCLUSTERxSTATES[xTHREADS][/FORWARD_THREADS]")
     parser.add_argument("--output", type=Path, help="JSON file (default: docs/benchmarks/selective_scan_<gpu>.json)")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     try:
         tilings = [parse_tiling(text) for text in args.tilings.split(",")]
-    except ValueError:
-        parser.error(f"--tilings: expected STEPSxCLUSTERxSTATES[xTHREADS] entries such as 8x8x2 or 8x4x2x64, got "
-                     f"{args.tilings!r}")
+    except ValueError as error:
+        parser.error(f"--tilings {args.tilings!r}: {error}; expected STEPSxCLUSTERxSTATES[xTHREADS][/FORWARD_THREADS] "
+                     "entries such as 8x8x2, 8x4x2x64 or 8x4x2/64")
     if unknown := [size for size in sizes if size not in FAMILY.gpu_plan]:
         parser.error(f"--sizes: {', '.join(unknown)} not among {', '.join(FAMILY.gpu_plan)}")
     if not torch.cuda.is_available():

@@ -107,3 +107,17 @@ def test_a_gpu_without_an_energy_counter_is_timed_with_its_energy_unmeasured(mon
     meter = script.KernelMeter(reps=3, energy_window_s=1.0)
     assert meter.read_energy_j is None
     assert meter.energy_unmeasured == "the GPU's energy counter is unreadable (RuntimeError: Not Supported)"
+
+
+@pytest.mark.parametrize("label", ["8x4x2", "8x8x2x64", "8x4x2/64", "16x4x2x64/128"])
+def test_tiling_labels_name_the_tilings_they_parse_to(label):
+    script = load_script("benchmark_selective_scan")
+    tiling = script.parse_tiling(label)
+    assert script.tiling_label(tiling) == label
+    assert tiling.chunk == tiling.forward_block * tiling.forward_steps_per_thread
+
+
+def test_a_tiling_whose_forward_cannot_split_the_chunk_is_refused():
+    script = load_script("benchmark_selective_scan")
+    with pytest.raises(ValueError, match="cannot split a chunk of 1024 steps"):
+        script.parse_tiling("8x4x2/256")

@@ -451,6 +451,18 @@ def test_scan_tiling_clusters_divide_the_channels():
     assert [tiling.chunks(length) for length in (8, 1024, 1032, 8192)] == [1, 1, 2, 8]
 
 
+def test_scan_tiling_forward_splits_the_backward_chunk_among_its_own_threads():
+    """The forward's chunks are the backward's (it keeps their final states for it), in blocks of their own."""
+    from mamba.scan_kernel import ScanTiling
+
+    assert (ScanTiling().forward_block, ScanTiling().forward_steps_per_thread) == (128, 8)
+    split = ScanTiling(threads=128, steps_per_thread=8, forward_threads=64)
+    assert (split.chunk, split.forward_block, split.forward_steps_per_thread) == (1024, 64, 16)
+    for threads in (48, 256, 2048):  # not whole warps; 4 steps a thread; no step at all
+        with pytest.raises(ValueError, match="cannot split a chunk of 1024"):
+            ScanTiling(threads=128, steps_per_thread=8, forward_threads=threads)
+
+
 @pytest.mark.parametrize("length", [0, 12])
 def test_scan_kernel_refuses_lengths_it_cannot_read_eight_at_a_time(length):
     """Checked before any kernel is compiled or launched (mamba_fused pads other lengths to a multiple of 8)."""
@@ -465,8 +477,11 @@ def test_scan_kernel_refuses_lengths_it_cannot_read_eight_at_a_time(length):
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiling", [{}, {"cluster": 8}, {"threads": 64}, {"threads": 256, "states_per_sum": 1}],
-                         ids=["shipped", "cluster 8", "64 threads", "256 threads, one state per sum"])
+@pytest.mark.parametrize("tiling", [{}, {"cluster": 8}, {"threads": 64}, {"threads": 256, "states_per_sum": 1},
+                                    {"forward_threads": 64},
+                                    {"forward_threads": 128, "threads": 64, "steps_per_thread": 16}],
+                         ids=["shipped", "cluster 8", "64 threads", "256 threads, one state per sum",
+                              "forward in 64 threads", "forward in 128 threads, backward in 64"])
 def test_mamba_scan_kernel_matches_mamba_ssm(tiling):
     """The harness's selective scan against mamba-ssm's selective_scan_cuda on the same bf16 inputs: every output
     and gradient (dB and dC summed over channels by thread-block clusters) within bf16 rounding of each other, in
