@@ -63,7 +63,7 @@ class ScanTiling:
         return backward_shared_bytes(self.chunk, self.states_per_sum)
 
 
-TILING = ScanTiling()
+TILING = ScanTiling(forward_threads=64)  # the forward in blocks of 64 threads, 16 steps each: change 40
 
 
 def backward_shared_bytes(chunk: int, states_per_sum: int) -> int:

@@ -480,8 +480,8 @@ def test_scan_kernel_refuses_lengths_it_cannot_read_eight_at_a_time(length):
 @pytest.mark.parametrize("tiling", [{}, {"cluster": 8}, {"threads": 64}, {"threads": 256, "states_per_sum": 1},
                                     {"forward_threads": 64},
                                     {"forward_threads": 128, "threads": 64, "steps_per_thread": 16}],
-                         ids=["shipped", "cluster 8", "64 threads", "256 threads, one state per sum",
-                              "forward in 64 threads", "forward in 128 threads, backward in 64"])
+                         ids=["128 threads both", "cluster 8", "64 threads", "256 threads, one state per sum",
+                              "shipped: forward in 64 threads", "forward in 128 threads, backward in 64"])
 def test_mamba_scan_kernel_matches_mamba_ssm(tiling):
     """The harness's selective scan against mamba-ssm's selective_scan_cuda on the same bf16 inputs: every output
     and gradient (dB and dC summed over channels by thread-block clusters) within bf16 rounding of each other, in
