@@ -34,6 +34,7 @@ from training_harness.registry import build_model, get_family
 from training_harness.run_description import CONFIG_FILE, RunDescription, git_state, versions
 from training_harness.run_log import LOG_FILE, RunLog
 from training_harness.tokenization import bundled_tokenizer, default_corpus_path
+from training_harness.working_weights import WorkingWeights, matrix_weights
 
 #: Held-out share of the bundled corpus when a run is given no --data_path.
 BUNDLED_VAL_FRACTION = 0.25
@@ -162,6 +163,7 @@ class Trainer:
         self.kernel_warmup: kernel_warmup.KernelWarmup | None = None
         self.kernel_warmup_record: dict = {}
         self.graphed_step: GraphedStep | None = None
+        self.working_weights: WorkingWeights | None = None
         self.first_step = 0  # of this process: the resumed step after --resume
 
     @property
@@ -224,16 +226,28 @@ class Trainer:
         if config.activation_checkpointing:
             recompute_blocks(model, checkpointed_blocks(model.blocks, config), config.cuda_graphs)
         self.model = distributed.wrap(model, context, config.fsdp)
+        if config.precision == "bf16-mixed" and not context.distributed:
+            self.working_weights = WorkingWeights(matrix_weights(model))
         self.optimizer = build_optimizer(self.model, config, context.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
         if config.resume:
-            self._resume()
+            with self._masters():
+                self._resume()
         self.first_step = self.step
         if context.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             self.log.keep_until(self.step)
             write_json_atomic(self.output / CONFIG_FILE, self.description.as_dict())
         return self.description
+
+    def _masters(self) -> contextlib.AbstractContextManager:
+        """Where the parameters hold their float32 masters: around clipping, AdamW and checkpoints."""
+        return contextlib.nullcontext() if self.working_weights is None else self.working_weights.masters()
+
+    def _save_checkpoint(self, with_optimizer: bool) -> None:
+        with self._masters():
+            checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step, with_optimizer,
+                            self.context.is_main)
 
     def _data_source(self) -> tuple[str, str, float]:
         """(data path, tokenizer, held-out share): the flags', or without --data_path the bundled corpus with a
@@ -355,10 +369,11 @@ class Trainer:
             loss_sum = self._forward_backward(batches)
         else:
             loss_sum = self.graphed_step.run(batches)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        self.optimizer.step()
-        if self.graphed_step is None:  # a replay overwrites the gradients its capture created
-            self.optimizer.zero_grad(set_to_none=True)
+        with self._masters():
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            if self.graphed_step is None:  # a replay overwrites the gradients its capture created
+                self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return loss_sum, grad_norm
 
@@ -378,6 +393,8 @@ class Trainer:
             last = index == len(batches) - 1
             # DDP all-reduces gradients only on the last micro-batch.
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            if self.working_weights is not None:
+                self.working_weights.begin_micro_batch(first=index == 0)
             with sync:
                 with compute_context(config, context.device):
                     loss = self.model(inputs, labels)
@@ -411,8 +428,7 @@ class Trainer:
         while self.step < config.max_steps:
             if stop.signal_name:
                 monitor.pause()
-                checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step, True,
-                                self.context.is_main)
+                self._save_checkpoint(with_optimizer=True)
                 return Outcome("interrupted", EXIT_INTERRUPTED, f"stopped by {stop.signal_name} at step {self.step}")
             try:
                 loss_sum, grad_norm = self.train_step()
@@ -448,7 +464,8 @@ class Trainer:
             and self.micro_batch > 1
 
     def _halve_micro_batch(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        with self._masters():  # the failed step's gradient sums go too
+            self.optimizer.zero_grad(set_to_none=True)
         if self.context.cuda_indices:
             torch.cuda.empty_cache()
         per_rank, failed = self.micro_batch * self.accumulation, self.micro_batch
@@ -472,8 +489,7 @@ class Trainer:
             validation = evaluate(self.model, self.val_windows, config, self.micro_batch, self.context.device)
             self.log.validation(self.step, validation)
         if save_now:
-            checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
-                            config.save_optimizer, self.context.is_main)
+            self._save_checkpoint(config.save_optimizer)
         monitor.resume()
 
     def close(self) -> None:
@@ -487,5 +503,4 @@ class Trainer:
         self.validation = evaluate(self.model, self.val_windows, self.config, self.micro_batch, self.context.device)
         self.log.validation(self.step, self.validation)
         if self.config.final_checkpoint:
-            checkpoint.save(self.output, self.model, self.optimizer, self.scheduler, self.step,
-                            self.config.save_optimizer, self.context.is_main)
+            self._save_checkpoint(self.config.save_optimizer)

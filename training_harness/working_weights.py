@@ -1,0 +1,79 @@
+"""bf16 working copies of the backbone's matrix weights, made once per optimizer step instead of per micro-batch.
+
+Under bf16 autocast with fp32 master weights, every micro-batch casts each matrix weight to bf16 for its
+products, and casts each bf16 weight gradient back to fp32 to add it to those accumulated: at Mamba 3B about
+30 ms of kernels in a 0.9 s step (docs/performance.md, change 41). ``WorkingWeights`` does the same arithmetic
+once per optimizer step. The parameters hold bf16 copies of their fp32 masters through the forward and
+backward passes, so autocast finds nothing to cast; each micro-batch's bf16 gradient is added into a float32
+sum as soon as it is ready; and inside ``masters()`` the parameters hold their masters and those sums, so that
+clipping, AdamW and checkpoints see exactly what they would without the copies.
+
+Only weights whose products autocast runs in bf16 and whose gradients come out of them in bf16 qualify: the
+backbone's ``nn.Linear`` weights. The output head stays float32: the loss accumulates its gradient in float32
+over chunks of tokens, which a bf16 copy would round. Gradients reduced across processes (DDP, FSDP) would be
+reduced in bf16, so several processes keep autocast's casts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from training_harness.lm import CausalLM
+
+
+def matrix_weights(model: CausalLM) -> list[nn.Parameter]:
+    """The backbone's trainable ``nn.Linear`` weights, each once, without the output head's."""
+    head, chosen = model.head_weight, {}
+    for module in model.backbone.modules():
+        if isinstance(module, nn.Linear) and module.weight.requires_grad and module.weight is not head:
+            chosen[id(module.weight)] = module.weight
+    return list(chosen.values())
+
+
+class WorkingWeights:
+    """Swaps ``parameters`` (float32) to bf16 copies; ``masters()`` swaps their float32 masters back in."""
+
+    def __init__(self, parameters: list[nn.Parameter]):
+        if any(parameter.dtype != torch.float32 for parameter in parameters):
+            raise TypeError("working copies are made of float32 master weights")
+        self.parameters = parameters
+        self.masters_data = [parameter.data for parameter in parameters]
+        self.copies = [parameter.data.to(torch.bfloat16) for parameter in parameters]
+        self.sums: list[torch.Tensor | None] = [None] * len(parameters)
+        self.first_micro_batch = True
+        for index, (parameter, copy) in enumerate(zip(parameters, self.copies, strict=True)):
+            parameter.data = copy
+            parameter.register_post_accumulate_grad_hook(functools.partial(self._add_gradient, index))
+
+    def begin_micro_batch(self, first: bool) -> None:
+        """The first micro-batch of a step starts new sums; later ones add to them."""
+        self.first_micro_batch = first
+
+    def _add_gradient(self, index: int, parameter: nn.Parameter) -> None:
+        gradient, parameter.grad = parameter.grad, None
+        if self.first_micro_batch:  # a new tensor: a CUDA graph's capture then records where the sum lives
+            self.sums[index] = gradient.float()
+        else:
+            self.sums[index].add_(gradient)
+
+    @contextlib.contextmanager
+    def masters(self) -> Iterator[None]:
+        """The parameters hold their float32 masters and gradient sums; on leaving, the copies are refreshed
+        from the masters, and a gradient set to None inside (``zero_grad``) frees its sum."""
+        for parameter, master, total in zip(self.parameters, self.masters_data, self.sums, strict=True):
+            parameter.data = master
+            parameter.grad = total
+        try:
+            yield
+        finally:
+            for index, (parameter, copy) in enumerate(zip(self.parameters, self.copies, strict=True)):
+                self.sums[index] = parameter.grad
+                parameter.grad = None
+                parameter.data = copy
+            with torch.no_grad():
+                torch._foreach_copy_(self.copies, self.masters_data)
