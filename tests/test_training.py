@@ -134,6 +134,17 @@ def test_interrupt_then_resume_continues_the_same_loss_curve(data_dir, tmp_path,
     assert len(losses(resumed)) == 8
 
 
+def test_checkpoints_hold_the_float32_masters_of_the_working_weights(data_dir, tmp_path):
+    """One-process bf16-mixed runs train on bf16 copies of the matrix weights; what they save is the masters."""
+    from safetensors.torch import load_file
+
+    assert run_in_process(data_dir, tmp_path, "--max_steps", "3") == 0
+    weights = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    projection = weights["backbone.model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(projection, projection.bfloat16().float())  # not a bf16 copy saved as float32
+
+
 def test_out_of_memory_is_recorded(data_dir, tmp_path, monkeypatch):
     original = trainer_module.Trainer.train_step
 

@@ -6,60 +6,77 @@ import copy
 import pytest
 import torch
 
-from training_harness.registry import FAMILY_MODULES, get_family
+from training_harness.registry import FAMILY_MODULES, build_model, get_family
 from training_harness.working_weights import WorkingWeights, matrix_weights
 
 VOCAB = 64
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def train(model, device: str, working: bool, steps: int = 2, micro_batches: int = 2) -> list[float]:
-    """The trainer's step: micro-batches under bf16 autocast, clipping, AdamW; the gradient norms."""
+def batches(device: str, count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(0, VOCAB, (2, 33), generator=generator).to(device) for _ in range(count)]
+
+
+def train(model, device: str, working: bool, steps: int = 2, micro_batches: int = 2) -> list[torch.Tensor]:
+    """The trainer's step: micro-batches under bf16 autocast, clipping, AdamW; each step's float32 gradients as
+    clipping and AdamW saw them, and its gradient norm."""
     weights = WorkingWeights(matrix_weights(model)) if working else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=device == "cuda")
-    generator = torch.Generator().manual_seed(3)
-    norms = []
-    for _ in range(steps):
+    tokens = batches(device, steps * micro_batches)
+    seen = []
+    for step in range(steps):
         for index in range(micro_batches):
-            tokens = torch.randint(0, VOCAB, (2, 33), generator=generator).to(device)
             if weights:
                 weights.begin_micro_batch(first=index == 0)
             with torch.autocast(device, dtype=torch.bfloat16):
-                loss = model(tokens[:, :-1], tokens[:, 1:])
+                loss = model(*split(tokens[step * micro_batches + index]))
             (loss / micro_batches).backward()
         with weights.masters() if weights else contextlib.nullcontext():
-            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5).item())
+            seen += [p.grad.clone() for p in model.parameters()]
+            seen.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return norms
+    return seen
 
 
-def assert_working_weights_train_as_autocast(name: str, device: str) -> None:
+def split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def twins(name: str, device: str):
+    """A tiny model of the family on ``device`` and a copy of it; the copy's matrix weights."""
     torch.manual_seed(0)
-    family = get_family(name)
-    model = family.build(family.shape("0.5B", "tiny"), VOCAB, device, True)
+    model = build_model(get_family(name), "0.5B", "tiny", VOCAB, device, allow_slow_kernels=True)
     twin = copy.deepcopy(model)
     copied = {id(p) for p in matrix_weights(twin)}
     assert copied, "the backbone has matrix weights to copy"
-    assert train(twin, device, working=True) == train(model, device, working=False)
+    return model, twin, copied
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_MODULES))
+def test_working_weights_train_bit_for_bit_as_autocasts_casts_on_cpu(name):
+    model, twin, copied = twins(name, "cpu")
+    for got, want in zip(train(twin, "cpu", working=True), train(model, "cpu", working=False), strict=True):
+        assert torch.equal(got, want)
     for (parameter_name, want), got in zip(model.named_parameters(), twin.parameters(), strict=True):
         # outside masters() the copied weights are their masters rounded to bf16, the rest untouched
         expected = want.to(torch.bfloat16) if id(got) in copied else want
         assert got.dtype == expected.dtype and torch.equal(got, expected), parameter_name
 
 
-@pytest.mark.parametrize("name", sorted(FAMILY_MODULES))
-def test_working_weights_train_as_autocasts_casts_on_cpu(name):
-    assert_working_weights_train_as_autocast(name, "cpu")
-
-
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(FAMILY_MODULES))
-def test_working_weights_train_as_autocasts_casts_on_the_gpu(name):
-    """The families' GPU kernels (mamba-ssm, fla, the loss kernel) take bf16 weights and return their gradients
-    as they do under autocast; a family whose library is not installed runs its reference path."""
-    assert_working_weights_train_as_autocast(name, "cuda")
+def test_working_weights_give_autocasts_gradients_on_the_gpu(name):
+    """The families' GPU kernels (mamba-ssm, fla, the loss kernel) take the bf16 copies and return their
+    gradients as under autocast's casts (a family whose library is missing runs its reference path). Within
+    bf16 rounding rather than bit for bit: some of those kernels add with atomics, in no fixed order."""
+    model, twin, _ = twins(name, "cuda")
+    got, want = train(twin, "cuda", working=True, steps=1), train(model, "cuda", working=False, steps=1)
+    for (parameter_name, _), got_grad, want_grad in zip(model.named_parameters(), got, want):
+        error = ((got_grad - want_grad).norm() / want_grad.norm().clamp_min(1e-12)).item()
+        assert error < 1e-2, (parameter_name, error)
 
 
 def test_the_masters_and_their_gradient_sums_are_what_autocast_would_leave():

@@ -226,7 +226,7 @@ class Trainer:
         if config.activation_checkpointing:
             recompute_blocks(model, checkpointed_blocks(model.blocks, config), config.cuda_graphs)
         self.model = distributed.wrap(model, context, config.fsdp)
-        if config.precision == "bf16-mixed" and not context.distributed:
+        if config.precision == "bf16-mixed" and not context.distributed and not config.cuda_graphs:
             self.working_weights = WorkingWeights(matrix_weights(model))
         self.optimizer = build_optimizer(self.model, config, context.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))

@@ -11,7 +11,8 @@ clipping, AdamW and checkpoints see exactly what they would without the copies.
 Only weights whose products autocast runs in bf16 and whose gradients come out of them in bf16 qualify: the
 backbone's ``nn.Linear`` weights. The output head stays float32: the loss accumulates its gradient in float32
 over chunks of tokens, which a bf16 copy would round. Gradients reduced across processes (DDP, FSDP) would be
-reduced in bf16, so several processes keep autocast's casts.
+reduced in bf16, so several processes keep autocast's casts; so do steps replayed as CUDA graphs
+(--cuda_graphs), where the copies have not been tested yet.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class WorkingWeights:
 
     def _add_gradient(self, index: int, parameter: nn.Parameter) -> None:
         gradient, parameter.grad = parameter.grad, None
-        if self.first_micro_batch:  # a new tensor: a CUDA graph's capture then records where the sum lives
+        if self.first_micro_batch:
             self.sums[index] = gradient.float()
         else:
             self.sums[index].add_(gradient)
