@@ -135,10 +135,10 @@ def test_interrupt_then_resume_continues_the_same_loss_curve(data_dir, tmp_path,
 
 
 def test_checkpoints_hold_the_float32_masters_of_the_working_weights(data_dir, tmp_path):
-    """One-process bf16-mixed runs train on bf16 copies of the matrix weights; what they save is the masters."""
+    """With --working_weights a run trains on bf16 copies of the matrix weights; what it saves is the masters."""
     from safetensors.torch import load_file
 
-    assert run_in_process(data_dir, tmp_path, "--max_steps", "3") == 0
+    assert run_in_process(data_dir, tmp_path, "--max_steps", "3", "--working_weights") == 0
     weights = load_file(tmp_path / "checkpoint" / "model.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
     projection = weights["backbone.model.layers.0.mlp.up_proj.weight"]
@@ -208,6 +208,12 @@ def test_two_process_gloo_run_combines_ranks_and_runs_a_plans_cuda_graphs_flag_w
     # Global batch 2 over 2 ranks: one sequence each per step; tokens are the sum over ranks.
     assert results["tokens"] == (6 - 3) * 2 * 32
     assert (output / "efficientllm_timeline_rank1.csv").exists()
+
+
+def test_several_processes_run_a_plans_working_weights_flag_under_autocasts_casts(data_dir, tmp_path):
+    result = run_two_processes("mamba", data_dir, tmp_path / "ddp", "--max_steps", "2", "--working_weights")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WARNING: --working_weights is for one process; these 2 processes cast the weights" in result.stderr
 
 
 def test_a_fault_in_a_finished_ranks_interpreter_teardown_costs_nothing(data_dir, tmp_path):

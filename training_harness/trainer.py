@@ -193,6 +193,10 @@ class Trainer:
             self.log.say(f"WARNING: --cuda_graphs captures one process's step; these {context.world_size} "
                          "processes run without graphs")
             self.config = config = dataclasses.replace(config, cuda_graphs=False)
+        if config.working_weights and context.world_size > 1:  # several processes would reduce bf16 gradients
+            self.log.say(f"WARNING: --working_weights is for one process; these {context.world_size} processes "
+                         "cast the weights under autocast")
+            self.config = config = dataclasses.replace(config, working_weights=False)
         if config.cuda_graphs and not context.cuda_indices:
             raise ConfigError(f"--cuda_graphs captures CUDA work; drop it on {context.device}")
         vocab_rows = self.family.vocab_rows(meta["vocab_size"], config.preset)
@@ -226,7 +230,7 @@ class Trainer:
         if config.activation_checkpointing:
             recompute_blocks(model, checkpointed_blocks(model.blocks, config), config.cuda_graphs)
         self.model = distributed.wrap(model, context, config.fsdp)
-        if config.precision == "bf16-mixed" and not context.distributed and not config.cuda_graphs:
+        if config.working_weights:
             self.working_weights = WorkingWeights(matrix_weights(model))
         self.optimizer = build_optimizer(self.model, config, context.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))

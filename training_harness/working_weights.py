@@ -10,9 +10,11 @@ clipping, AdamW and checkpoints see exactly what they would without the copies.
 
 Only weights whose products autocast runs in bf16 and whose gradients come out of them in bf16 qualify: the
 backbone's ``nn.Linear`` weights. The output head stays float32: the loss accumulates its gradient in float32
-over chunks of tokens, which a bf16 copy would round. Gradients reduced across processes (DDP, FSDP) would be
-reduced in bf16, so several processes keep autocast's casts; so do steps replayed as CUDA graphs
-(--cuda_graphs), where the copies have not been tested yet.
+over chunks of tokens, which a bf16 copy would round.
+
+A plan takes the copies with --working_weights (Mamba 3B's), one process at a time: several would reduce bf16
+gradients. They cost memory where blocks are recomputed, whose casts autocast frees as soon as each block is
+done, and have not been tested under --cuda_graphs.
 """
 
 from __future__ import annotations
