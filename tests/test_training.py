@@ -145,6 +145,24 @@ def test_checkpoints_hold_the_float32_masters_of_the_working_weights(data_dir, t
     assert not torch.equal(projection, projection.bfloat16().float())  # not a bf16 copy saved as float32
 
 
+def test_a_run_with_working_weights_resumes_on_its_masters_as_if_never_stopped(data_dir, tmp_path, monkeypatch):
+    """A checkpoint of bf16 copies instead of the float32 masters would change the steps after the resume."""
+    flags = ("--max_steps", "4", "--working_weights")
+    assert run_in_process(data_dir, tmp_path / "straight", *flags) == 0
+    original = trainer_module.Trainer.train_step
+
+    def signal_at_step_two(self):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", signal_at_step_two)
+    assert run_in_process(data_dir, tmp_path / "resumed", *flags) == EXIT_INTERRUPTED
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", original)
+    assert run_in_process(data_dir, tmp_path / "resumed", *flags, "--resume") == 0
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
 def test_out_of_memory_is_recorded(data_dir, tmp_path, monkeypatch):
     original = trainer_module.Trainer.train_step
 

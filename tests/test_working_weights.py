@@ -27,8 +27,6 @@ def train(model, device: str, working: bool, steps: int = 2, micro_batches: int 
     seen = []
     for step in range(steps):
         for index in range(micro_batches):
-            if weights:
-                weights.begin_micro_batch(first=index == 0)
             with torch.autocast(device, dtype=torch.bfloat16):
                 loss = model(*split(tokens[step * micro_batches + index]))
             (loss / micro_batches).backward()
@@ -87,7 +85,6 @@ def test_the_masters_and_their_gradient_sums_are_what_autocast_would_leave():
     assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, master.to(torch.bfloat16))
     inputs = torch.randn(5, 4)
     for index in range(3):
-        weights.begin_micro_batch(first=index == 0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             layer(inputs * (index + 1)).sum().backward()
             plain(inputs * (index + 1)).sum().backward()

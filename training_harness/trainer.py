@@ -397,8 +397,6 @@ class Trainer:
             last = index == len(batches) - 1
             # DDP all-reduces gradients only on the last micro-batch.
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            if self.working_weights is not None:
-                self.working_weights.begin_micro_batch(first=index == 0)
             with sync:
                 with compute_context(config, context.device):
                     loss = self.model(inputs, labels)

@@ -48,18 +48,14 @@ class WorkingWeights:
         self.masters_data = [parameter.data for parameter in parameters]
         self.copies = [parameter.data.to(torch.bfloat16) for parameter in parameters]
         self.sums: list[torch.Tensor | None] = [None] * len(parameters)
-        self.first_micro_batch = True
         for index, (parameter, copy) in enumerate(zip(parameters, self.copies, strict=True)):
             parameter.data = copy
             parameter.register_post_accumulate_grad_hook(functools.partial(self._add_gradient, index))
 
-    def begin_micro_batch(self, first: bool) -> None:
-        """The first micro-batch of a step starts new sums; later ones add to them."""
-        self.first_micro_batch = first
-
     def _add_gradient(self, index: int, parameter: nn.Parameter) -> None:
+        """As autograd accumulates ``.grad``: a new sum after ``zero_grad``, else added to."""
         gradient, parameter.grad = parameter.grad, None
-        if self.first_micro_batch:
+        if self.sums[index] is None:
             self.sums[index] = gradient.float()
         else:
             self.sums[index].add_(gradient)
