@@ -134,11 +134,12 @@ def test_interrupt_then_resume_continues_the_same_loss_curve(data_dir, tmp_path,
     assert len(losses(resumed)) == 8
 
 
-def test_checkpoints_hold_the_float32_masters_of_the_working_weights(data_dir, tmp_path):
+def test_checkpoints_hold_the_float32_masters_of_the_working_weights(data_dir, tmp_path, capsys):
     """With --working_weights a run trains on bf16 copies of the matrix weights; what it saves is the masters."""
     from safetensors.torch import load_file
 
     assert run_in_process(data_dir, tmp_path, "--max_steps", "3", "--working_weights") == 0
+    assert "bf16-mixed (bf16 working weights), micro-batch 1" in capsys.readouterr().err  # the banner
     weights = load_file(tmp_path / "checkpoint" / "model.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
     projection = weights["backbone.model.layers.0.mlp.up_proj.weight"]

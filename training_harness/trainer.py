@@ -284,7 +284,8 @@ class Trainer:
         data = d.data
         lines = [
             f"{d.display_name} {d.size}: {d.params:,} parameters ({d.preset} shapes), kernels: {d.kernel_path}",
-            f"device {d.device} ({d.device_name}), {config.precision}, micro-batch {d.micro_batch_size} x "
+            f"device {d.device} ({d.device_name}), {config.precision}"
+            f"{' (bf16 working weights)' if config.working_weights else ''}, micro-batch {d.micro_batch_size} x "
             f"{d.accumulation_steps} accumulation x {d.world_size} process(es) = {d.global_batch} sequences of "
             f"{d.context:,} tokens per step",
             f"data {data['folder']} ({data['tokenizer']}): {config.max_steps} steps = {data['training_tokens']:,} "
