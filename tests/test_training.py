@@ -232,7 +232,16 @@ def test_two_process_gloo_run_combines_ranks_and_runs_a_plans_cuda_graphs_flag_w
 def test_several_processes_run_a_plans_working_weights_flag_under_autocasts_casts(data_dir, tmp_path):
     result = run_two_processes("mamba", data_dir, tmp_path / "ddp", "--max_steps", "2", "--working_weights")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "WARNING: --working_weights is for one process; these 2 processes cast the weights" in result.stderr
+    assert "WARNING: --working_weights is off for this run: these 2 processes would reduce bf16 gradients" \
+        in result.stderr
+
+
+def test_a_plans_working_weights_flag_is_off_where_there_are_no_float32_masters(data_dir, tmp_path, capsys):
+    assert run_in_process(data_dir, tmp_path, "--max_steps", "1", "--working_weights", "--precision", "bf16") == 0
+    banner = capsys.readouterr().err
+    assert "WARNING: --working_weights is off for this run: --precision bf16 has no float32 master" in banner
+    assert "bf16 working weights" not in banner
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["working_weights"] is False
 
 
 def test_a_fault_in_a_finished_ranks_interpreter_teardown_costs_nothing(data_dir, tmp_path):

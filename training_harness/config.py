@@ -61,9 +61,9 @@ class TrainConfig:
                 "second step) and replay it: for steps whose kernels the host cannot launch as fast as the GPU "
                 "runs them"})
     working_weights: bool = field(default=False, metadata={
-        "help": "with bf16-mixed on one process: keep bf16 copies of the matrix weights from one optimizer step to "
-                "the next instead of casting them in every micro-batch (the same arithmetic; more memory where "
-                "blocks are recomputed, whose casts autocast frees at once)"})
+        "help": "bf16-mixed on one process, without --cuda_graphs: keep bf16 copies of the matrix weights from one "
+                "optimizer step to the next instead of casting them in every micro-batch (the same arithmetic; "
+                "more memory where blocks are recomputed, whose casts autocast frees at once)"})
     kernel_warmup: bool = field(default=True, metadata={
         "help": "on CUDA, for families that pin Triton kernels (RWKV-7, Mamba-2, Gated DeltaNet): compile them in "
                 "a helper process while the first step compiles the rest (its output: kernel_warmup.log)"})
@@ -104,10 +104,6 @@ class TrainConfig:
             (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be positive"),
             (self.checkpoint_blocks is None or (self.activation_checkpointing and self.checkpoint_blocks > 0),
              "checkpoint_blocks must be positive and needs --activation_checkpointing"),
-            (not self.working_weights or self.precision == "bf16-mixed",
-             "--working_weights copies fp32 master weights: it needs --precision bf16-mixed"),
-            (not (self.working_weights and self.cuda_graphs),
-             "--working_weights has not been tested under --cuda_graphs yet: drop one of them"),
             (self.eval_windows >= 0, f"eval_windows must be 0 (all) or positive, got {self.eval_windows}"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (re.fullmatch(r"|cpu|cuda(:\d+)?", self.device) is not None,

@@ -34,7 +34,7 @@ from training_harness.registry import build_model, get_family
 from training_harness.run_description import CONFIG_FILE, RunDescription, git_state, versions
 from training_harness.run_log import LOG_FILE, RunLog
 from training_harness.tokenization import bundled_tokenizer, default_corpus_path
-from training_harness.working_weights import WorkingWeights, matrix_weights
+from training_harness.working_weights import WorkingWeights, matrix_weights, working_weights_refusal
 
 #: Held-out share of the bundled corpus when a run is given no --data_path.
 BUNDLED_VAL_FRACTION = 0.25
@@ -193,9 +193,8 @@ class Trainer:
             self.log.say(f"WARNING: --cuda_graphs captures one process's step; these {context.world_size} "
                          "processes run without graphs")
             self.config = config = dataclasses.replace(config, cuda_graphs=False)
-        if config.working_weights and context.world_size > 1:  # several processes would reduce bf16 gradients
-            self.log.say(f"WARNING: --working_weights is for one process; these {context.world_size} processes "
-                         "cast the weights under autocast")
+        if config.working_weights and (why := working_weights_refusal(config, context.world_size)):
+            self.log.say(f"WARNING: --working_weights is off for this run: {why}")
             self.config = config = dataclasses.replace(config, working_weights=False)
         if config.cuda_graphs and not context.cuda_indices:
             raise ConfigError(f"--cuda_graphs captures CUDA work; drop it on {context.device}")

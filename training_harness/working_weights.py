@@ -26,7 +26,19 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from training_harness.config import TrainConfig
 from training_harness.lm import CausalLM
+
+
+def working_weights_refusal(config: TrainConfig, world_size: int) -> str | None:
+    """Why a run's --working_weights cannot apply (its plan's flag under other settings), or None."""
+    if config.precision != "bf16-mixed":
+        return f"--precision {config.precision} has no float32 master weights cast to bf16"
+    if world_size > 1:
+        return f"these {world_size} processes would reduce bf16 gradients"
+    if config.cuda_graphs:
+        return "the copies have not been tested under --cuda_graphs"
+    return None
 
 
 def matrix_weights(model: CausalLM) -> list[nn.Parameter]:
