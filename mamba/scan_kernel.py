@@ -9,6 +9,7 @@ cluster of channels instead of once per channel (docs/performance.md, change 35)
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,12 @@ class ScanTiling:
     def forward_steps_per_thread(self) -> int:
         return self.chunk // self.forward_block
 
+    @property
+    def forward_kernel(self) -> ScanTiling:
+        """The tiling the forward kernel is compiled with: its own block, the same chunks."""
+        return dataclasses.replace(self, threads=self.forward_block, steps_per_thread=self.forward_steps_per_thread,
+                                   forward_threads=None)
+
     def chunks(self, length: int) -> int:
         """Chunks a sequence of ``length`` steps takes: the forward keeps each one's final states."""
         return -(-length // self.chunk)
@@ -60,30 +67,25 @@ class ScanTiling:
         return size
 
     def backward_shared_bytes(self) -> int:
-        return backward_shared_bytes(self.chunk, self.states_per_sum)
+        """The backward's three sets of dB and dC terms, float32 (selective_scan.cu's state loop)."""
+        return 3 * self.states_per_sum * 2 * self.chunk * 4
 
 
 TILING = ScanTiling(forward_threads=64)  # the forward in blocks of 64 threads, 16 steps each: change 40
 
 
-def backward_shared_bytes(chunk: int, states_per_sum: int) -> int:
-    """The backward's three sets of dB and dC terms, float32 (selective_scan.cu's state loop)."""
-    return 3 * states_per_sum * 2 * chunk * 4
-
-
 @functools.cache
-def _kernels(device: int, d_state: int, cluster: int, threads: int, steps_per_thread: int, states_per_sum: int
-             ) -> dict[str, object]:
+def _kernels(device: int, d_state: int, cluster: int, tiling: ScanTiling) -> dict[str, object]:
     """Compiles selective_scan.cu for ``device`` with NVRTC, as ``torch.cuda._compile_kernel`` does, without its
     need for a CUDA toolkit's headers (the source includes none). A tiling whose forward splits chunks among
-    other threads than its backward takes its forward kernel from a second compilation."""
+    other threads than its backward takes its forward kernel from a second compilation (``forward_kernel``)."""
     from torch.cuda import _utils as cuda_utils
 
     nvrtc = cuda_utils._get_gpu_rtc_library()
     major, minor = torch.cuda.get_device_capability(device)
-    options = [f"--gpu-architecture=sm_{major}{minor}", "--std=c++17", f"-DNTHREADS={threads}",
-               f"-DNITEMS={steps_per_thread}", f"-DDSTATE={d_state}", f"-DCLUSTER={cluster}",
-               f"-DGROUP={states_per_sum}"]
+    options = [f"--gpu-architecture=sm_{major}{minor}", "--std=c++17", f"-DNTHREADS={tiling.threads}",
+               f"-DNITEMS={tiling.steps_per_thread}", f"-DDSTATE={d_state}", f"-DCLUSTER={cluster}",
+               f"-DGROUP={tiling.states_per_sum}"]
     program = ctypes.c_void_p()
     _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(program), SOURCE.read_bytes(), SOURCE.name.encode(),
                                                  0, None, None))
@@ -103,9 +105,8 @@ def _kernels(device: int, d_state: int, cluster: int, threads: int, steps_per_th
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
     with torch.cuda.device(device):
         kernels = cuda_utils._cuda_load_module(cubin.raw, ["selective_scan_forward", "selective_scan_backward"])
-        shared_bytes = backward_shared_bytes(threads * steps_per_thread, states_per_sum)
-        if shared_bytes >= 48 * 1024:  # above the default limit, the kernel must ask
-            kernels["selective_scan_backward"].set_shared_memory_config(shared_bytes)
+        if tiling.backward_shared_bytes() >= 48 * 1024:  # above the default limit, the kernel must ask
+            kernels["selective_scan_backward"].set_shared_memory_config(tiling.backward_shared_bytes())
     return kernels
 
 
@@ -157,8 +158,8 @@ def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     out = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
     out_z = channel_major(batch, channels, length, u.device)
     states = torch.empty(batch, channels, tiling.chunks(length), A.shape[1], dtype=torch.float32, device=u.device)
-    kernel = _kernels(u.device.index, A.shape[1], tiling.cluster_size(channels), tiling.forward_block,
-                      tiling.forward_steps_per_thread, tiling.states_per_sum)["selective_scan_forward"]
+    kernel = _kernels(u.device.index, A.shape[1], tiling.cluster_size(channels),
+                      tiling.forward_kernel)["selective_scan_forward"]
     kernel(grid=(channels, batch, 1), block=(tiling.forward_block, 1, 1),
            args=[u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), out, out_z, states,
                  length, channels, *_strides("u", u), *_strides("delta", delta), *_strides("z", z),
@@ -185,8 +186,7 @@ def scan_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     dA = torch.zeros(A.shape, dtype=torch.float32, device=u.device)
     dB, dC = (torch.zeros(B.shape, dtype=torch.float32, device=u.device) for _ in range(2))
     dD, ddelta_bias = (torch.zeros(channels, dtype=torch.float32, device=u.device) for _ in range(2))
-    kernel = _kernels(u.device.index, A.shape[1], tiling.cluster_size(channels), tiling.threads,
-                      tiling.steps_per_thread, tiling.states_per_sum)["selective_scan_backward"]
+    kernel = _kernels(u.device.index, A.shape[1], tiling.cluster_size(channels), tiling)["selective_scan_backward"]
     kernel(grid=(channels, batch, 1), block=(tiling.threads, 1, 1), shared_mem=tiling.backward_shared_bytes(),
            args=[u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), dout, states, out,
                  du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, length, channels, *_strides("u", u),
