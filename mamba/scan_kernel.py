@@ -75,17 +75,18 @@ TILING = ScanTiling(forward_threads=64)  # the forward in blocks of 64 threads, 
 
 
 @functools.cache
-def _kernels(device: int, d_state: int, cluster: int, tiling: ScanTiling) -> dict[str, object]:
-    """Compiles selective_scan.cu for ``device`` with NVRTC, as ``torch.cuda._compile_kernel`` does, without its
-    need for a CUDA toolkit's headers (the source includes none). A tiling whose forward splits chunks among
-    other threads than its backward takes its forward kernel from a second compilation (``forward_kernel``)."""
+def _kernel(device: int, direction: str, d_state: int, cluster: int, tiling: ScanTiling) -> object:
+    """selective_scan_``direction`` ("forward" or "backward") compiled alone for ``device`` with NVRTC, as
+    ``torch.cuda._compile_kernel`` does, without its need for a CUDA toolkit's headers (the source includes
+    none). The forward is compiled with ``tiling.forward_kernel``: its own block, the same chunks."""
     from torch.cuda import _utils as cuda_utils
 
+    name = f"selective_scan_{direction}"
     nvrtc = cuda_utils._get_gpu_rtc_library()
     major, minor = torch.cuda.get_device_capability(device)
     options = [f"--gpu-architecture=sm_{major}{minor}", "--std=c++17", f"-DNTHREADS={tiling.threads}",
                f"-DNITEMS={tiling.steps_per_thread}", f"-DDSTATE={d_state}", f"-DCLUSTER={cluster}",
-               f"-DGROUP={tiling.states_per_sum}"]
+               f"-DGROUP={tiling.states_per_sum}", f"-DSCAN_{direction.upper()}"]
     program = ctypes.c_void_p()
     _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(program), SOURCE.read_bytes(), SOURCE.name.encode(),
                                                  0, None, None))
@@ -104,10 +105,10 @@ def _kernels(device: int, d_state: int, cluster: int, tiling: ScanTiling) -> dic
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
     with torch.cuda.device(device):
-        kernels = cuda_utils._cuda_load_module(cubin.raw, ["selective_scan_forward", "selective_scan_backward"])
-        if tiling.backward_shared_bytes() >= 48 * 1024:  # above the default limit, the kernel must ask
-            kernels["selective_scan_backward"].set_shared_memory_config(tiling.backward_shared_bytes())
-    return kernels
+        kernel = cuda_utils._cuda_load_module(cubin.raw, [name])[name]
+        if direction == "backward" and tiling.backward_shared_bytes() >= 48 * 1024:  # above the default limit,
+            kernel.set_shared_memory_config(tiling.backward_shared_bytes())  # the kernel must ask
+    return kernel
 
 
 def _check_nvrtc(nvrtc, result: int) -> None:
@@ -158,8 +159,7 @@ def scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     out = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
     out_z = channel_major(batch, channels, length, u.device)
     states = torch.empty(batch, channels, tiling.chunks(length), A.shape[1], dtype=torch.float32, device=u.device)
-    kernel = _kernels(u.device.index, A.shape[1], tiling.cluster_size(channels),
-                      tiling.forward_kernel)["selective_scan_forward"]
+    kernel = _kernel(u.device.index, "forward", A.shape[1], tiling.cluster_size(channels), tiling.forward_kernel)
     kernel(grid=(channels, batch, 1), block=(tiling.forward_block, 1, 1),
            args=[u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), out, out_z, states,
                  length, channels, *_strides("u", u), *_strides("delta", delta), *_strides("z", z),
@@ -186,7 +186,7 @@ def scan_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     dA = torch.zeros(A.shape, dtype=torch.float32, device=u.device)
     dB, dC = (torch.zeros(B.shape, dtype=torch.float32, device=u.device) for _ in range(2))
     dD, ddelta_bias = (torch.zeros(channels, dtype=torch.float32, device=u.device) for _ in range(2))
-    kernel = _kernels(u.device.index, A.shape[1], tiling.cluster_size(channels), tiling)["selective_scan_backward"]
+    kernel = _kernel(u.device.index, "backward", A.shape[1], tiling.cluster_size(channels), tiling)
     kernel(grid=(channels, batch, 1), block=(tiling.threads, 1, 1), shared_mem=tiling.backward_shared_bytes(),
            args=[u, delta, A.contiguous(), B, C, D.contiguous(), z, delta_bias.contiguous(), dout, states, out,
                  du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z, length, channels, *_strides("u", u),

@@ -1,6 +1,7 @@
 // Mamba-1's selective scan, forward and backward, for B and C shared by every channel of a sequence.
 // Compiled at run time with NVRTC (mamba/scan_kernel.py), which defines NTHREADS, NITEMS, DSTATE, CLUSTER
-// and GROUP; no headers, so no CUDA toolkit is needed beside PyTorch's own NVRTC.
+// and GROUP, and SCAN_FORWARD or SCAN_BACKWARD: one kernel a compilation, each in its own tiling. No headers,
+// so no CUDA toolkit is needed beside PyTorch's own NVRTC.
 //
 //   delta = softplus(delta + delta_bias);  h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t
 //   out_t = C_t h_t + D u_t;  out_z_t = out_t silu(z_t)
@@ -127,6 +128,7 @@ __device__ __forceinline__ float scan_maps(float a, float b, float* state, float
     return h_thread;
 }
 
+#ifdef SCAN_FORWARD
 extern "C" __global__ void __launch_bounds__(NTHREADS) selective_scan_forward(
         const bf16* u, const bf16* delta, const float* A, const bf16* B, const bf16* C, const float* D,
         const bf16* z, const float* delta_bias, bf16* out, bf16* out_z, float* chunk_states,
@@ -189,6 +191,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) selective_scan_forward(
         store_steps(out_z + t, remaining, gated);
     }
 }
+#endif  // SCAN_FORWARD
 
 __device__ __forceinline__ unsigned cluster_rank() {
     unsigned rank;
@@ -268,6 +271,7 @@ __device__ __forceinline__ float sum_over_block(float value, float* scratch) {
     return total;
 }
 
+#ifdef SCAN_BACKWARD
 // Gradients of selective_scan_forward given dout, the gradient of out_z; writes dz and recomputes out_z. du,
 // ddelta and out_z share one layout (grad_*_stride).
 // dB and dC (float32, zeroed) and dA, dD, ddelta_bias (float32, zeroed) receive atomic adds.
@@ -418,3 +422,4 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(NTH
     cluster_arrive();  // and wait: the others may still read this block's terms
     cluster_wait();
 }
+#endif  // SCAN_BACKWARD

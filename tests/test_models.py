@@ -459,7 +459,7 @@ def test_scan_tiling_forward_splits_the_backward_chunk_among_its_own_threads():
     split = ScanTiling(threads=128, steps_per_thread=8, forward_threads=64)
     assert (split.chunk, split.forward_block, split.forward_steps_per_thread) == (1024, 64, 16)
     assert split.forward_kernel == ScanTiling(threads=64, steps_per_thread=16)  # compiled on its own
-    assert ScanTiling().forward_kernel == ScanTiling()  # unsplit: one compilation serves both kernels
+    assert ScanTiling().forward_kernel == ScanTiling()  # unsplit: both kernels compiled in the same tiling
     for threads in (48, 256, 2048):  # not whole warps; 4 steps a thread; no step at all
         with pytest.raises(ValueError, match="cannot split a chunk of 1024"):
             ScanTiling(threads=128, steps_per_thread=8, forward_threads=threads)
