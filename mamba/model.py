@@ -14,7 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mamba.selective_scan import FUSED_PATH, REFERENCE_PATH, fused_kernels_available, mixer_fused, mixer_reference
+from mamba.selective_scan import (
+    FUSED_PATH,
+    REFERENCE_PATH,
+    InputProjection,
+    fused_kernels_available,
+    mixer_fused,
+    mixer_reference,
+)
 from training_harness.lm import CausalLM, tag_no_weight_decay
 from training_harness.registry import ModelFamily, StockReference
 
@@ -69,44 +76,47 @@ class MambaMixer(nn.Module):
         with torch.no_grad():
             self.out_proj.weight /= math.sqrt(layers)
 
-    def project_in(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The input projection of hidden (B, L, D), transposed: (2E, B*L), contiguous."""
-        return self.in_proj.weight @ hidden.reshape(-1, hidden.shape[-1]).t()
+    def prepare(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L, D) as rows (B*L, D) in the products' dtype (autocast's where it is on), compiled with the
+        block's norm. The input projection itself runs in ``scan``: its backward is the harness's own."""
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        device = rows.device.type
+        return rows.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else rows
 
-    def scan(self, xz: torch.Tensor, batch: int) -> torch.Tensor:
-        """Everything after the input projection: (2E, B*L) -> (B, L, D).
+    def scan(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        """The input projection and everything after it: rows (B*L, D) -> (B, L, D).
 
         The kernels read xz as (B, 2E, L) with the sequence dimension contiguous, a view of the projection's
-        output, and write its gradient in the same layout (as mamba_simple does): no transposing copy either
-        way. The view is taken here, outside any compiled region, so the region's output and its gradient
-        are both plain contiguous (2E, B*L) tensors."""
+        (2E, B*L) output, and write its gradient in the same layout (as mamba_simple does): no transposing copy
+        either way."""
+        xz = InputProjection.apply(rows, self.in_proj.weight)
         xz = xz.view(xz.shape[0], batch, -1).transpose(0, 1)
         mixer = mixer_fused if self.fused else mixer_reference
         return mixer(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                      self.out_proj.weight, -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.scan(self.project_in(hidden), hidden.shape[0])
+        return self.scan(self.prepare(hidden), hidden.shape[0])
 
 
 class MambaBlock(nn.Module):
     """Pre-norm residual block in mamba-ssm's form: the residual stream (float32) is carried beside the mixer's
-    output, and each block begins with the previous block's residual add, so that add, the norm and the input
-    projection form one compiled region before the kernel."""
+    output, and each block begins with the previous block's residual add, so that add, the norm and the mixer's
+    ``prepare`` form one compiled region before the kernels."""
 
     def __init__(self, d_model: int, fused: bool, mixer_class: Callable[[int, bool], nn.Module] = MambaMixer):
         super().__init__()
         self.norm = nn.RMSNorm(d_model, eps=1e-5)
-        self.mixer = mixer_class(d_model, fused)  # project_in(hidden) -> projected; scan(projected, batch) -> out
+        self.mixer = mixer_class(d_model, fused)  # prepare(hidden) -> prepared (compiled); scan(prepared, batch)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        xz, residual = self.prepare(hidden, residual)
-        return self.mixer.scan(xz, hidden.shape[0]), residual
+        prepared, residual = self.prepare(hidden, residual)
+        return self.mixer.scan(prepared, hidden.shape[0]), residual
 
     def prepare(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         # the first block copies the embedding: handing back its own input would hand FSDP2 a view to hook
         residual = hidden.to(torch.float32, copy=True) if residual is None else (residual + hidden).float()
-        return self.mixer.project_in(self.norm(residual.to(self.norm.weight.dtype))), residual
+        return self.mixer.prepare(self.norm(residual.to(self.norm.weight.dtype))), residual
 
     def compile_regions(self, **kwargs) -> None:
         """One whole graph before the kernel; the kernel runs eagerly and nothing follows it in the block."""

@@ -1,4 +1,4 @@
-"""The Mamba-1 mixer after its input projection: a fused CUDA path and a float32 reference.
+"""The Mamba-1 mixer: its input projection, then a fused CUDA path or a float32 reference.
 
 The fused path runs causal-conv1d's kernels and the harness's selective scan (``scan_kernel.py``) in one
 autograd function, recomputing the conv's output and delta in the backward as mamba-ssm's ``mamba_inner_fn``
@@ -9,12 +9,17 @@ projection:
 
     x, z = xz;  x = silu(causal_conv1d(x));  (dt, B, C) = x_proj(x);  delta = softplus(dt_proj(dt))
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t;  y_t = C_t h_t + D x_t;  out = out_proj(y * silu(z))
+
+The input projection (``InputProjection``, on both paths) and the fused path's products hand their weight
+gradients to ``weight_gradient``, which adds each into its float32 sum where the weight trains on a working copy.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from training_harness.working_weights import weight_gradient
 
 FUSED_PATH = ("causal_conv1d + the harness's selective-scan CUDA kernel (bf16; mamba_ssm's mamba_inner_fn under "
               "fp32)")
@@ -52,6 +57,23 @@ def mixer_mamba_ssm(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, o
                           None, D, delta_bias=dt_bias, delta_softplus=True)
 
 
+class InputProjection(torch.autograd.Function):
+    """weight @ rows.T: (2E, B*L) from rows (B*L, D), contiguous, the layout the mixer's kernels read a view of.
+    Its own backward, so that the weight's gradient goes through ``weight_gradient``; on both paths."""
+
+    @staticmethod
+    def forward(ctx, rows, weight):
+        cast = weight.to(rows.dtype)  # autocast's cast, where the weight is not a bf16 working copy already
+        ctx.save_for_backward(rows, cast)
+        ctx.weight = weight
+        return cast @ rows.t()
+
+    @staticmethod
+    def backward(ctx, dxz):
+        rows, cast = ctx.saved_tensors
+        return dxz.t() @ cast, weight_gradient(ctx.weight, dxz, rows)
+
+
 class FusedMixer(torch.autograd.Function):
     """causal-conv1d, the input-dependent projections, the harness's selective scan and the output projection;
     saves xz and x_proj's output, and recomputes the conv's output and delta in the backward."""
@@ -63,6 +85,7 @@ class FusedMixer(torch.autograd.Function):
 
         from mamba.scan_kernel import scan_forward
 
+        ctx.weights = x_proj_weight, dt_proj_weight, out_proj_weight  # the parameters, for weight_gradient
         x_proj_weight, dt_proj_weight, out_proj_weight = (w.to(xz.dtype) for w in
                                                           (x_proj_weight, dt_proj_weight, out_proj_weight))
         x, z = xz.chunk(2, dim=1)
@@ -96,14 +119,15 @@ class FusedMixer(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, ddt_bias, out_z = scan_backward(conv_out, delta, A, B, C, D, z, dt_bias, dout_z,
                                                                     states, out, dz)
         out_z, ddelta, du = (t.transpose(0, 1).reshape(t.shape[1], -1) for t in (out_z, ddelta, du))  # (E, B*L) views
-        dout_proj_weight = dout.t() @ out_z.t()
+        x_proj_param, dt_proj_param, out_proj_param = ctx.weights
+        dout_proj_weight = weight_gradient(out_proj_param, dout.t(), out_z.t())
         dx_dbl = torch.empty_like(x_dbl)
         dx_dbl[:, :rank] = ddelta.t() @ dt_proj_weight
         dx_dbl[:, rank:rank + d_state] = dB.transpose(1, 2).reshape(-1, d_state)
         dx_dbl[:, rank + d_state:] = dC.transpose(1, 2).reshape(-1, d_state)
-        ddt_proj_weight = ddelta @ x_dbl[:, :rank]
+        ddt_proj_weight = weight_gradient(dt_proj_param, ddelta, x_dbl[:, :rank])
         conv_rows = conv_out.transpose(1, 2).reshape(-1, conv_out.shape[1])  # (B*L, E)
-        dx_proj_weight = dx_dbl.t() @ conv_rows
+        dx_proj_weight = weight_gradient(x_proj_param, dx_dbl.t(), conv_rows)
         dconv_out = torch.addmm(du, x_proj_weight.t(), dx_dbl.t(), out=du).view(-1, batch, length).transpose(0, 1)
         dx, dconv_weight, dconv_bias, *_ = causal_conv1d_bwd_function(x, conv_weight.squeeze(1), conv_bias,
                                                                       dconv_out, None, None, None, dx, False, True)

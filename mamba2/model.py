@@ -73,8 +73,9 @@ class Mamba2Mixer(nn.Module):
         with torch.no_grad():
             self.out_proj.weight /= math.sqrt(layers)
 
-    def project_in(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> zxbcdt (B, L, 2E + 2GN + H), the layout the fused kernel reads."""
+    def prepare(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The input projection, compiled with the block's norm: (B, L, D) -> zxbcdt (B, L, 2E + 2GN + H), the
+        layout the fused kernel reads."""
         return self.in_proj(hidden)
 
     def scan(self, zxbcdt: torch.Tensor, batch: int) -> torch.Tensor:
@@ -85,7 +86,7 @@ class Mamba2Mixer(nn.Module):
                      chunk_size=self.chunk_size, eps=1e-5)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.scan(self.project_in(hidden), hidden.shape[0])
+        return self.scan(self.prepare(hidden), hidden.shape[0])
 
 
 def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:

@@ -8,6 +8,10 @@ backward passes, so autocast finds nothing to cast; each micro-batch's bf16 grad
 sum as soon as it is ready; and inside ``masters()`` the parameters hold their masters and those sums, so that
 clipping, AdamW and checkpoints see exactly what they would without the copies.
 
+A backward of the harness's own can do better with ``weight_gradient``: on CUDA the product that is a
+weight's gradient adds itself into the float32 sum (cuBLAS, C = A B + C), so no bf16 gradient is written,
+read back and added (change 42). That skips a rounding to bf16, so it is not bit for bit what autocast does.
+
 Only weights whose products autocast runs in bf16 and whose gradients come out of them in bf16 qualify: the
 backbone's ``nn.Linear`` weights. The output head stays float32: the loss accumulates its gradient in float32
 over chunks of tokens, which a bf16 copy would round.
@@ -50,6 +54,19 @@ def matrix_weights(model: CausalLM) -> list[nn.Parameter]:
     return list(chosen.values())
 
 
+def weight_gradient(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor | None:
+    """``left @ right``, the gradient of ``weight``, for a backward to return; or, where ``weight`` trains on a
+    working copy, that product added into its float32 gradient sum, and None: nothing left for autograd to add."""
+    add_product = getattr(weight, "add_gradient_product", None)
+    if add_product is None:
+        return left @ right
+    add_product(left, right)
+    return None
+
+
+_MM_INTO_FLOAT32 = "dtype_out" in torch.ops.aten.addmm.overloads()  # addmm's out_dtype: torch >= 2.8, CUDA
+
+
 class WorkingWeights:
     """Swaps ``parameters`` (float32) to bf16 copies; ``masters()`` swaps their float32 masters back in."""
 
@@ -63,14 +80,31 @@ class WorkingWeights:
         for index, (parameter, copy) in enumerate(zip(parameters, self.copies, strict=True)):
             parameter.data = copy
             parameter.register_post_accumulate_grad_hook(functools.partial(self._add_gradient, index))
+            parameter.add_gradient_product = functools.partial(self._add_product, index)  # for weight_gradient
 
     def _add_gradient(self, index: int, parameter: nn.Parameter) -> None:
-        """As autograd accumulates ``.grad``: a new sum after ``zero_grad``, else added to."""
+        """As autograd accumulates ``.grad``; it calls this with none where a backward took the gradient into
+        the sum itself (``weight_gradient``)."""
         gradient, parameter.grad = parameter.grad, None
+        if gradient is not None:
+            self._add(index, gradient)
+
+    def _add(self, index: int, gradient: torch.Tensor) -> None:
+        """A new sum after ``zero_grad``, else added to."""
         if self.sums[index] is None:
             self.sums[index] = gradient.float()
         else:
             self.sums[index].add_(gradient)
+
+    def _add_product(self, index: int, left: torch.Tensor, right: torch.Tensor) -> None:
+        """``left @ right`` (bf16) into the sum: by the product itself on CUDA, else as autograd would add it."""
+        total = self.sums[index]
+        if not (left.is_cuda and _MM_INTO_FLOAT32):
+            self._add(index, left @ right)
+        elif total is None:
+            self.sums[index] = torch.mm(left, right, out_dtype=torch.float32)
+        else:
+            torch.addmm(total, left, right, out_dtype=torch.float32, out=total)
 
     @contextlib.contextmanager
     def masters(self) -> Iterator[None]:
