@@ -169,7 +169,8 @@ def time_mixers(size: str, reps: int) -> dict[str, float]:
     batch, d_model = FAMILY.gpu_plan[size]["micro_batch_size"], SHAPES["paper"][size]["d_model"]
     mixer = MambaMixer(d_model, fused=True).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        projected = mixer.project_in(torch.randn(batch, SEQ_LEN, d_model, device="cuda")).detach()  # (2E, B*L)
+        rows = torch.randn(batch * SEQ_LEN, d_model, device="cuda")
+        projected = (mixer.in_proj.weight @ rows.t()).detach()  # (2E, B*L), the input projection's layout
     weights = (mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
                mixer.out_proj.weight)
     grad = torch.randn(batch, SEQ_LEN, d_model, device="cuda", dtype=torch.bfloat16)
