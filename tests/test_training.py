@@ -1,7 +1,9 @@
 """The harness end to end on CPU: each script, resume, failures, configs, and a 2-process gloo run."""
 
+import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,6 +99,25 @@ def test_the_first_step_says_what_it_spent_compiling_triton_kernels(data_dir, tm
     assert all("triton_compilations" not in r for r in steps[1:])
     assert "2.5 s of it compiling Triton kernels in this process: 1" in capsys.readouterr().err
     assert compilation.listener is None
+
+
+def test_the_first_steps_objects_are_frozen_out_of_the_collectors_passes_until_the_end(data_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """From the second step on, what the first left (compiled graphs and the like) is out of the garbage
+    collector's full passes; at the end of the steps it is collectable again."""
+    seen, train_step = [], trainer_module.Trainer.train_step
+
+    def observed_step(self):
+        seen.append(gc.get_freeze_count())
+        return train_step(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", observed_step)
+    assert run_in_process(data_dir, tmp_path / "run", "--max_steps", "3") == 0
+    assert seen[0] == 0 and 0 < seen[2] <= seen[1]  # frozen once; some of those objects since freed
+    said = re.search(r"([\d,]+) objects from the first step frozen out of the garbage collector's passes",
+                     capsys.readouterr().err)
+    assert said and int(said[1].replace(",", "")) >= seen[1]
+    assert gc.get_freeze_count() == 0
 
 
 def test_the_first_step_waits_for_the_kernel_warmup_helper_and_records_it(data_dir, tmp_path, monkeypatch, capsys):
