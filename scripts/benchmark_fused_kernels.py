@@ -3,7 +3,7 @@
 
     python scripts/benchmark_fused_kernels.py [--rounds 2] [--output FILE]
 
-Two parts, each timed with CUDA events over repeated calls after a warm-up, in rounds, the spread reported:
+Three parts, each timed with CUDA events over repeated calls after a warm-up, in rounds, the spread reported:
 - loss: the cross-entropy and its gradient over one (4096, vocabulary) chunk of bf16 logits, as the output
   head's loss computes them, for Qwen2.5's and GPT-NeoX's vocabularies: the reference compiled as the harness
   compiles it (``CausalLM.compile_regions``), the Triton kernel (``training_harness/cross_entropy_kernel.py``) at
@@ -11,6 +11,9 @@ Two parts, each timed with CUDA events over repeated calls after a warm-up, in r
 - blocks (with liger-kernel installed): forward and backward of four Qwen2.5 0.5B blocks under bf16 autocast
   over fp32 weights, micro-batch 4 at 8192 tokens, compiled per block as the harness compiles them, with
   transformers' RMSNorm, SwiGLU MLP and rotary embedding, then with liger-kernel's in their place.
+- wgrad: the weight-gradient products of Mamba 3B's input and output projections at micro-batch 1 (8192 tokens)
+  as a float32 gradient sum takes them: a bf16 product that is then cast (the first micro-batch) or added (the
+  others), against ``weight_gradient`` adding the product into the sum in cuBLAS (working weights, change 42).
 Prints one line per measurement and writes them as JSON (default: docs/benchmarks/fused_kernels_<gpu>.json).
 """
 
@@ -30,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from efficientllm_metrics import write_json_atomic  # noqa: E402
 from training_harness.lm import softmax_cross_entropy_grad  # noqa: E402
+from training_harness.working_weights import WorkingWeights, weight_gradient  # noqa: E402
 
 VOCABULARIES = {"qwen2.5": 151_936, "gpt-neox-20b": 50_304}
 CHUNK_TOKENS = 4096
@@ -151,6 +155,40 @@ def qwen_blocks_step(variant: str) -> Callable[[], None]:
     return step
 
 
+def bench_weight_gradients(rounds: int, reps: int) -> list[dict]:
+    tokens, d_model, d_inner = 8192, 2560, 5120
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def bf16(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=generator).to(torch.bfloat16)
+
+    cases = {"in_proj: (2E, L) @ (L, D)": (bf16(2 * d_inner, tokens), bf16(tokens, d_model)),
+             "out_proj: (D, L) @ (L, E), a transposed view": (bf16(tokens, d_model).t(), bf16(d_inner, tokens).t())}
+    return [row for case, (left, right) in cases.items()
+            for row in bench_weight_gradient_case(case, left, right, rounds, reps)]
+
+
+def bench_weight_gradient_case(case: str, left: torch.Tensor, right: torch.Tensor, rounds: int,
+                               reps: int) -> list[dict]:
+    exact = left.double() @ right.double()
+    weight = torch.nn.Parameter(torch.zeros(exact.shape, device="cuda"))
+    WorkingWeights([weight])  # the float32 sum that weight_gradient adds into, kept by the parameter
+    weight_gradient(weight, left, right)  # the sum exists from here on: every later call adds into it
+    total = torch.zeros(exact.shape, device="cuda")
+    candidates = {"bf16 product": lambda: left @ right,
+                  "bf16 product, cast to start a sum": lambda: (left @ right).float(),
+                  "bf16 product, added into the sum": lambda: total.add_(left @ right),
+                  "float32 product starting a sum": lambda: torch.mm(left, right, out_dtype=torch.float32),
+                  "weight_gradient: added into the sum by cuBLAS": lambda: weight_gradient(weight, left, right)}
+    rows = []
+    for candidate, fn in candidates.items():
+        error = {}
+        if candidate in ("bf16 product", "float32 product starting a sum"):  # one product against float64's
+            error["rel_error"] = float((fn().double() - exact).norm() / exact.norm())
+        rows.append(record("wgrad", case, candidate, [time_ms(fn, reps) for _ in range(rounds)], error))
+    return rows
+
+
 def record(part: str, case: str, candidate: str, times: list[float], error: dict) -> dict:
     row = {"part": part, "case": case, "candidate": candidate, "ms": [round(t, 4) for t in times],
            "ms_median": round(statistics.median(times), 4), **error}
@@ -163,7 +201,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="timings of every measurement, for the spread")
     parser.add_argument("--reps", type=int, default=20, help="calls per round")
-    parser.add_argument("--parts", default="loss,blocks", help="comma-separated: loss, blocks")
+    parser.add_argument("--parts", default="loss,blocks,wgrad", help="comma-separated: loss, blocks, wgrad")
     parser.add_argument("--output", type=Path, help="JSON file (default: docs/benchmarks/fused_kernels_<gpu>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -173,7 +211,8 @@ def main() -> int:
     print(f"{gpu}, torch {torch.__version__}")
     parts = args.parts.split(",")
     rows = ((bench_loss(args.rounds, args.reps) if "loss" in parts else [])
-            + (bench_blocks(args.rounds, max(args.reps // 4, 3)) if "blocks" in parts else []))
+            + (bench_blocks(args.rounds, max(args.reps // 4, 3)) if "blocks" in parts else [])
+            + (bench_weight_gradients(args.rounds, args.reps) if "wgrad" in parts else []))
     output = args.output or ROOT / "docs" / "benchmarks" / f"fused_kernels_{gpu.replace(' ', '_')}.json"
     write_json_atomic(output, {"device": gpu, "torch": torch.__version__, "rows": rows})
     print(f"wrote {output}")
