@@ -64,7 +64,7 @@ def weight_gradient(weight: torch.Tensor, left: torch.Tensor, right: torch.Tenso
     return None
 
 
-_MM_INTO_FLOAT32 = "dtype_out" in torch.ops.aten.addmm.overloads()  # addmm's out_dtype: torch >= 2.8, CUDA
+_MM_INTO_FLOAT32 = "dtype_out" in torch.ops.aten.addmm.overloads()  # addmm(..., out_dtype=): in recent torch, CUDA only
 
 
 class WorkingWeights:
