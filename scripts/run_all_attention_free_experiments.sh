@@ -113,6 +113,8 @@ for config in "${configs[@]}"; do
     failed=$((failed + 1))
     continue
   fi
+  # a signal that came during the checks above was handled only once they had finished: start nothing
+  [[ $stop == 0 ]] || { exec 9>&-; break; }
   echo "== $name ($(date -u +%FT%TZ)) -> $log"
   echo "== $name $(date -u +%FT%TZ) ${launcher[*]} -m training_harness.cli $model --config $config" >>"$log"
   set +e

@@ -161,8 +161,19 @@ def sweep_of_two(tmp_path, data_dir):
     return experiment, command, env
 
 
-def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, data_dir):
+def stop_runs_left_under(folder: Path) -> None:
+    """A run the driver failed to stop trains on in its own session: end it with the test, not 100000 steps on."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(folder).encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # gone meanwhile
+
+
+def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, data_dir, request):
     experiment, command, env = sweep_of_two(tmp_path, data_dir)
+    request.addfinalizer(lambda: stop_runs_left_under(experiment))
     sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     log = experiment / "results" / "pythia_0.5B" / "log.jsonl"
     deadline = time.monotonic() + 120
@@ -175,6 +186,29 @@ def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, d
     assert checkpoint.exists(experiment / "results" / "pythia_0.5B")
     assert not (experiment / "results" / "qwen_0.5B").exists()  # the next run never started
     assert "pythia_0.5B: interrupted" in out.split("== summary")[1] and "rerun the same command" in err
+
+
+def test_ctrl_c_while_the_sweep_checks_a_run_starts_no_run(tmp_path, data_dir, request):
+    """bash runs a trap only once the command it waits for has finished: a signal that comes while the driver
+    asks Python about the next run is handled after the answer, and no run may start after it."""
+    experiment, command, env = sweep_of_two(tmp_path, data_dir)
+    request.addfinalizer(lambda: stop_runs_left_under(experiment))
+    asking = tmp_path / "asking"
+    slow_python = tmp_path / "slow_python"  # an interpreter slow to answer "sweep model", to widen the window
+    slow_python.write_text(f'#!/usr/bin/env bash\n'
+                           f'[[ "$*" != *"training_harness.sweep model"* ]] || {{ touch {asking}; sleep 3; }}\n'
+                           f'exec {sys.executable} "$@"\n')
+    slow_python.chmod(0o755)
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**env, "PYTHON": str(slow_python)}, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not asking.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGINT)
+    out, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130, out + err
+    assert "== pythia_0.5B" not in out and "rerun the same command" in err
+    assert not (experiment / "results" / "pythia_0.5B" / "log.jsonl").exists()  # the run never started
 
 
 def test_a_run_that_another_sweep_holds_is_skipped_and_left_alone(tmp_path, data_dir):

@@ -155,6 +155,33 @@ def test_interrupt_then_resume_continues_the_same_loss_curve(data_dir, tmp_path,
     assert len(losses(resumed)) == 8
 
 
+def test_a_signal_while_the_run_builds_stops_it_before_its_first_step(data_dir, tmp_path, monkeypatch):
+    original = trainer_module.Trainer.setup
+
+    def setup_then_signal(self):
+        description = original(self)
+        os.kill(os.getpid(), signal.SIGINT)  # a real signal, before any step
+        return description
+
+    monkeypatch.setattr(trainer_module.Trainer, "setup", setup_then_signal)
+    output = tmp_path / "run"
+    assert run_in_process(data_dir, output, "--max_steps", "8") == EXIT_INTERRUPTED
+    assert read_results(output)["status"] == "interrupted" and read_results(output)["steps"] == 0
+
+
+def test_a_second_signal_kills_even_where_the_process_started_ignoring_sigint():
+    """A shell's background job (as the sweep driver starts runs) inherits SIGINT ignored: after the first
+    signal asks for a stop, the second must not be ignored as the inherited handler would have it."""
+    outside = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with trainer_module.StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal_name == "SIGINT" and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # as it was before the run
+    finally:
+        signal.signal(signal.SIGINT, outside)
+
+
 def test_checkpoints_hold_the_float32_masters_of_the_working_weights(data_dir, tmp_path, capsys):
     """With --working_weights a run trains on bf16 copies of the matrix weights; what it saves is the masters."""
     from safetensors.torch import load_file

@@ -85,12 +85,12 @@ def _train(config: TrainConfig, output: Path) -> int:
     monitor: Monitor | None = None
     measurement: RankMeasurement | None = None
     try:
-        trainer.setup()
-        warmup = config.warmup_iterations
-        if warmup is None:
-            warmup = default_warmup_iterations(config.max_steps - trainer.step)
-        monitor = Monitor(context.cuda_indices, warmup, config.sample_interval_s, context.rank)
-        with StopRequest() as stop:
+        with StopRequest() as stop:  # from setup on: a signal while it builds stops the run before its first step
+            trainer.setup()
+            warmup = config.warmup_iterations
+            if warmup is None:
+                warmup = default_warmup_iterations(config.max_steps - trainer.step)
+            monitor = Monitor(context.cuda_indices, warmup, config.sample_interval_s, context.rank)
             outcome = trainer.run(monitor, stop)
             measurement = monitor.stop()  # the window ends before the final evaluation
             if outcome.status == "completed":

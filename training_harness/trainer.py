@@ -54,7 +54,8 @@ class Outcome:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary (a second signal kills)."""
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary; a second signal kills, even where the
+    process was started ignoring SIGINT (a shell's background job, as the sweep driver starts runs)."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -67,7 +68,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._previous[signum])
+        signal.signal(signum, signal.SIG_DFL)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
