@@ -161,6 +161,13 @@ def sweep_of_two(tmp_path, data_dir):
     return experiment, command, env
 
 
+def start_as_from_a_terminal(command: list[str], env: dict) -> subprocess.Popen:
+    """The sweep as a terminal's foreground job starts it, with SIGINT's default action: a shell ignores a signal
+    it was started ignoring, as pytest run in the background of another shell would hand it SIGINT."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def stop_runs_left_under(folder: Path) -> None:
     """A run the driver failed to stop trains on in its own session: end it with the test, not 100000 steps on."""
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -174,7 +181,7 @@ def stop_runs_left_under(folder: Path) -> None:
 def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, data_dir, request):
     experiment, command, env = sweep_of_two(tmp_path, data_dir)
     request.addfinalizer(lambda: stop_runs_left_under(experiment))
-    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    sweep = start_as_from_a_terminal(command, env)
     log = experiment / "results" / "pythia_0.5B" / "log.jsonl"
     deadline = time.monotonic() + 120
     while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
@@ -199,8 +206,7 @@ def test_ctrl_c_while_the_sweep_checks_a_run_starts_no_run(tmp_path, data_dir, r
                            f'[[ "$*" != *"training_harness.sweep model"* ]] || {{ touch {asking}; sleep 3; }}\n'
                            f'exec {sys.executable} "$@"\n')
     slow_python.chmod(0o755)
-    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**env, "PYTHON": str(slow_python)}, cwd=ROOT)
+    sweep = start_as_from_a_terminal(command, {**env, "PYTHON": str(slow_python)})
     deadline = time.monotonic() + 60
     while not asking.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
