@@ -161,11 +161,13 @@ def sweep_of_two(tmp_path, data_dir):
     return experiment, command, env
 
 
-def start_as_from_a_terminal(command: list[str], env: dict) -> subprocess.Popen:
-    """The sweep as a terminal's foreground job starts it, with SIGINT's default action: a shell ignores a signal
-    it was started ignoring, as pytest run in the background of another shell would hand it SIGINT."""
+def start_as_from_a_terminal(command: list[str], env: dict, background: bool = False) -> subprocess.Popen:
+    """The sweep as a terminal's foreground job starts it, with SIGINT's default action, or as a background job,
+    with SIGINT ignored. A shell ignores a signal it was started ignoring (and pytest run in the background of
+    another shell would hand it SIGINT so), whatever its traps say."""
+    sigint = signal.SIG_IGN if background else signal.SIG_DFL
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
 def stop_runs_left_under(folder: Path) -> None:
@@ -178,15 +180,18 @@ def stop_runs_left_under(folder: Path) -> None:
             pass  # gone meanwhile
 
 
-def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, data_dir, request):
+@pytest.mark.parametrize(("background", "signum"), [(False, signal.SIGINT), (True, signal.SIGTERM)],
+                         ids=["Ctrl-C in the foreground", "kill -TERM in the background"])
+def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, data_dir, request, background,
+                                                                     signum):
     experiment, command, env = sweep_of_two(tmp_path, data_dir)
     request.addfinalizer(lambda: stop_runs_left_under(experiment))
-    sweep = start_as_from_a_terminal(command, env)
+    sweep = start_as_from_a_terminal(command, env, background)
     log = experiment / "results" / "pythia_0.5B" / "log.jsonl"
     deadline = time.monotonic() + 120
     while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
         time.sleep(0.2)
-    sweep.send_signal(signal.SIGINT)
+    sweep.send_signal(signum)
     out, err = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, out + err
     assert read_results(experiment / "results" / "pythia_0.5B")["status"] == "interrupted"
