@@ -1,6 +1,9 @@
 """Shared fixtures: a corpus and a tokenizer made by the tests themselves (no network, no shared files)."""
 
 import json
+import os
+import signal
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +36,18 @@ def data_dir(tmp_path_factory, tokenizer_file, corpus_texts) -> str:
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts))
     return str(prepare(PrepareConfig(source=str(corpus), tokenizer=tokenizer_file, output_dir=str(root / "data"),
                                      val_fraction=0.2, workers=1)))
+
+
+@pytest.fixture
+def stop_runs_left_under():
+    """Call it with a folder: at the test's end every process whose command line names that folder is killed.
+    The sweep driver starts each run in a session of its own, so a run outlives a driver that a test stopped,
+    killed or failed to signal, and would train on, or wait for a peer, long after the test."""
+    folders = []
+    yield folders.append
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if any(str(folder).encode() in cmdline.read_bytes() for folder in folders):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # gone meanwhile

@@ -170,22 +170,12 @@ def start_as_from_a_terminal(command: list[str], env: dict, background: bool = F
                             preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
-def stop_runs_left_under(folder: Path) -> None:
-    """A run the driver failed to stop trains on in its own session: end it with the test, not 100000 steps on."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if str(folder).encode() in cmdline.read_bytes():
-                os.kill(int(cmdline.parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass  # gone meanwhile
-
-
 @pytest.mark.parametrize(("background", "signum"), [(False, signal.SIGINT), (True, signal.SIGTERM)],
                          ids=["Ctrl-C in the foreground", "kill -TERM in the background"])
-def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, data_dir, request, background,
-                                                                     signum):
+def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, data_dir, stop_runs_left_under,
+                                                                     background, signum):
     experiment, command, env = sweep_of_two(tmp_path, data_dir)
-    request.addfinalizer(lambda: stop_runs_left_under(experiment))
+    stop_runs_left_under(experiment)
     sweep = start_as_from_a_terminal(command, env, background)
     log = experiment / "results" / "pythia_0.5B" / "log.jsonl"
     deadline = time.monotonic() + 120
@@ -200,11 +190,11 @@ def test_ctrl_c_stops_the_whole_sweep_once_the_current_run_has_saved(tmp_path, d
     assert "pythia_0.5B: interrupted" in out.split("== summary")[1] and "rerun the same command" in err
 
 
-def test_ctrl_c_while_the_sweep_checks_a_run_starts_no_run(tmp_path, data_dir, request):
+def test_ctrl_c_while_the_sweep_checks_a_run_starts_no_run(tmp_path, data_dir, stop_runs_left_under):
     """bash runs a trap only once the command it waits for has finished: a signal that comes while the driver
     asks Python about the next run is handled after the answer, and no run may start after it."""
     experiment, command, env = sweep_of_two(tmp_path, data_dir)
-    request.addfinalizer(lambda: stop_runs_left_under(experiment))
+    stop_runs_left_under(experiment)
     asking = tmp_path / "asking"
     slow_python = tmp_path / "slow_python"  # an interpreter slow to answer "sweep model", to widen the window
     slow_python.write_text(f'#!/usr/bin/env bash\n'

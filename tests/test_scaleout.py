@@ -77,14 +77,17 @@ def run_two_nodes(tmp_path: Path, data_dir: str, timeout_s: float = 300,
         return experiment, [node.returncode for node in nodes], outputs
 
 
-def test_two_nodes_by_hand_give_one_result_of_both(tmp_path, data_dir):
+def test_two_nodes_by_hand_give_one_result_of_both(tmp_path, data_dir, stop_runs_left_under):
+    stop_runs_left_under(tmp_path)
     experiment, codes, outputs = run_two_nodes(tmp_path, data_dir)
     assert codes == [0, 0], outputs
     assert all("pythia_0.5B: completed (exit 0)" in output for output in outputs)
     assert_one_result_for_both_nodes(experiment)
 
 
-def test_a_port_taken_before_node_0_binds_it_costs_a_new_attempt_not_a_hang(tmp_path, data_dir, monkeypatch):
+def test_a_port_taken_before_node_0_binds_it_costs_a_new_attempt_not_a_hang(tmp_path, data_dir, monkeypatch,
+                                                                            stop_runs_left_under):
+    stop_runs_left_under(tmp_path)  # the first attempt's node 1, whose driver is killed, leaves its run waiting
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
