@@ -22,7 +22,7 @@ from mamba.selective_scan import (
     mixer_fused,
     mixer_reference,
 )
-from training_harness.lm import CausalLM, tag_no_weight_decay
+from training_harness.lm import CausalLM, products_dtype, tag_no_weight_decay
 from training_harness.registry import ModelFamily, StockReference
 
 _PAPER = {
@@ -79,9 +79,7 @@ class MambaMixer(nn.Module):
     def prepare(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, L, D) as rows (B*L, D) in the products' dtype (autocast's where it is on), compiled with the
         block's norm. The input projection itself runs in ``scan``: its backward is the harness's own."""
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        device = rows.device.type
-        return rows.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else rows
+        return hidden.reshape(-1, hidden.shape[-1]).to(products_dtype(hidden))
 
     def scan(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
         """The input projection and everything after it: rows (B*L, D) -> (B, L, D).

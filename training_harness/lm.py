@@ -79,6 +79,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None
 
 
+def products_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype ``tensor``'s matrix products run in: autocast's where it is on for its device, else its own."""
+    device_type = tensor.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else tensor.dtype
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk_tokens: int = LOSS_CHUNK_TOKENS, loss_and_grad: LossAndGrad | None = None
                          ) -> torch.Tensor:
@@ -89,8 +95,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     summed loss and gradient (default: ``device_loss_and_grad``).
     """
     loss_and_grad = loss_and_grad or device_loss_and_grad(hidden.device)
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    device_type, dtype = hidden.device.type, products_dtype(hidden)
     hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     labels = labels.reshape(-1)
     with torch.autocast(device_type, enabled=False):  # the products run in ``dtype``, the softmax in float32
