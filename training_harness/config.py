@@ -62,8 +62,9 @@ class TrainConfig:
                 "runs them"})
     working_weights: bool = field(default=False, metadata={
         "help": "bf16-mixed on one process, without --cuda_graphs: keep bf16 copies of the matrix weights from one "
-                "optimizer step to the next instead of casting them in every micro-batch (the same arithmetic; "
-                "more memory where blocks are recomputed, whose casts autocast frees at once)"})
+                "optimizer step to the next instead of casting them in every micro-batch (autocast's arithmetic, "
+                "except that Mamba's own backward adds weight gradients into float32 sums unrounded; more memory "
+                "where blocks are recomputed, whose casts autocast frees at once)"})
     kernel_warmup: bool = field(default=True, metadata={
         "help": "on CUDA, for families that pin Triton kernels (RWKV-7, Mamba-2, Gated DeltaNet): compile them in "
                 "a helper process while the first step compiles the rest (its output: kernel_warmup.log)"})
