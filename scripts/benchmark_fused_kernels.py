@@ -11,9 +11,10 @@ Three parts, each timed with CUDA events over repeated calls after a warm-up, in
 - blocks (with liger-kernel installed): forward and backward of four Qwen2.5 0.5B blocks under bf16 autocast
   over fp32 weights, micro-batch 4 at 8192 tokens, compiled per block as the harness compiles them, with
   transformers' RMSNorm, SwiGLU MLP and rotary embedding, then with liger-kernel's in their place.
-- wgrad: the weight-gradient products of Mamba 3B's input and output projections at micro-batch 1 (8192 tokens)
-  as a float32 gradient sum takes them: a bf16 product that is then cast (the first micro-batch) or added (the
-  others), against ``weight_gradient`` adding the product into the sum in cuBLAS (working weights, change 42).
+- wgrad: the weight-gradient products of Mamba 3B's input and output projections at micro-batch 1 (8192 tokens),
+  and of Qwen2.5 0.5B's output head over one loss chunk, as a float32 gradient sum takes them: a bf16 product
+  that is then cast (the first micro-batch or chunk) or added (the others), against the product adding itself
+  into the sum in cuBLAS (``weight_gradient`` for working weights, change 42; ``add_product`` in the loss, 44).
 Prints one line per measurement and writes them as JSON (default: docs/benchmarks/fused_kernels_<gpu>.json).
 """
 
@@ -163,7 +164,9 @@ def bench_weight_gradients(rounds: int, reps: int) -> list[dict]:
         return torch.randn(*shape, device="cuda", generator=generator).to(torch.bfloat16)
 
     cases = {"in_proj: (2E, L) @ (L, D)": (bf16(2 * d_inner, tokens), bf16(tokens, d_model)),
-             "out_proj: (D, L) @ (L, E), a transposed view": (bf16(tokens, d_model).t(), bf16(d_inner, tokens).t())}
+             "out_proj: (D, L) @ (L, E), a transposed view": (bf16(tokens, d_model).t(), bf16(d_inner, tokens).t()),
+             "Qwen2.5 0.5B head: (V, N) @ (N, D), transposed": (bf16(CHUNK_TOKENS, VOCABULARIES["qwen2.5"]).t(),
+                                                                bf16(CHUNK_TOKENS, 896))}
     return [row for case, (left, right) in cases.items()
             for row in bench_weight_gradient_case(case, left, right, rounds, reps)]
 

@@ -21,7 +21,7 @@ from gated_deltanet.delta_rule import gated_delta_rule_reference
 from gated_deltanet.short_conv import short_conv_fla, short_conv_reference
 from mamba2.ssd import ssd_scan
 from rwkv.wkv7 import wkv7_reference
-from training_harness.lm import linear_cross_entropy, matmul_params, softmax_cross_entropy_grad
+from training_harness.lm import add_product, linear_cross_entropy, matmul_params, softmax_cross_entropy_grad
 from training_harness.registry import FAMILY_MODULES, PAPER_FAMILIES, count_on_meta, get_family, resolve_families
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +144,14 @@ def test_linear_cross_entropy_under_autocast_keeps_a_float32_weight_gradient():
     assert loss.item() == pytest.approx(ref.item(), rel=2e-2)  # bf16 products
     error = (weight.grad.double() - exact_weight.grad).norm() / exact_weight.grad.norm()
     assert error < 2e-2
+
+
+def test_add_product_starts_a_float32_sum_and_adds_into_it():
+    left, right = torch.randn(4, 6).to(torch.bfloat16), torch.randn(6, 5).to(torch.bfloat16)
+    total = add_product(None, left, right)
+    assert total.dtype == torch.float32 and torch.equal(total, (left @ right).float())
+    assert add_product(total, left, right) is total  # in place: no new sum per chunk
+    assert torch.equal(total, (left @ right).float() + (left @ right))
 
 
 def wkv7_official_layout(r, w, k, v, a, b):
@@ -577,6 +585,23 @@ def test_linear_cross_entropy_on_cuda_matches_the_reference_path():
         results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
     for got, want in zip(*results):
         assert relative_error(got, want) < 1e-2
+
+
+@cuda
+@pytest.mark.gpu
+def test_add_product_sums_bf16_products_in_float32_on_the_gpu():
+    """As the loss sums its head gradient over chunks (a transposed left factor): closer to float64 than the sum
+    of the same products each rounded to bf16 first."""
+    torch.manual_seed(11)
+    products = [(torch.randn(1024, 300, device="cuda").to(torch.bfloat16).t(),
+                 torch.randn(1024, 96, device="cuda").to(torch.bfloat16)) for _ in range(3)]
+    total = None
+    for left, right in products:
+        total = add_product(total, left, right)
+    exact = sum(left.double() @ right.double() for left, right in products)
+    rounded = sum((left @ right).double() for left, right in products)
+    assert total.dtype == torch.float32
+    assert relative_error(total.double(), exact) < 1e-5 < relative_error(rounded, exact)
 
 
 def test_rwkv_flops_count_every_projection_including_the_low_rank_ones():

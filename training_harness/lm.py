@@ -42,6 +42,21 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+_MM_INTO_FLOAT32 = "dtype_out" in torch.ops.aten.addmm.overloads()  # addmm(..., out_dtype=): in recent torch, CUDA only
+
+
+def add_product(total: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``total + left @ right`` kept in float32 at least (a new sum where ``total`` is None), for gradients summed
+    over chunks or micro-batches. On CUDA a bf16 product adds itself into the sum (cuBLAS, C = A B + C): it is
+    neither rounded to bf16 nor written, read back and added (docs/performance.md, changes 42 and 44)."""
+    if left.is_cuda and _MM_INTO_FLOAT32 and left.dtype in (torch.bfloat16, torch.float16):
+        if total is None:
+            return torch.mm(left, right, out_dtype=torch.float32)
+        return torch.addmm(total, left, right, out_dtype=torch.float32, out=total)
+    product = left @ right
+    return product.to(_math_dtype(product.dtype)) if total is None else total.add_(product)
+
+
 def device_loss_and_grad(device: torch.device) -> LossAndGrad:
     """The chunk loss for a device: on CUDA the Triton kernel (cross_entropy_kernel.py), which overwrites the
     chunk's logits with their gradient in one kernel; elsewhere ``softmax_cross_entropy_grad``."""
@@ -55,20 +70,20 @@ def device_loss_and_grad(device: torch.device) -> LossAndGrad:
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight^T, labels_i), one chunk of tokens at a time. The gradients are computed in
     the forward pass, so no chunk's logits outlive it and none is recomputed in the backward pass; the
-    weight's gradient is accumulated over chunks in float32."""
+    weight's gradient is summed over chunks in float32 (``add_product``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens, loss_and_grad):
         matrix = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=_math_dtype(weight.dtype))
+        grad_weight = None
         total = hidden.new_zeros((), dtype=_math_dtype(hidden.dtype))
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = hidden[start:start + chunk_tokens]
             loss, grad_logits = loss_and_grad(chunk @ matrix.t(), labels[start:start + chunk_tokens])
             total += loss
             grad_hidden[start:start + chunk_tokens] = grad_logits @ matrix
-            grad_weight += grad_logits.t() @ chunk
+            grad_weight = add_product(grad_weight, grad_logits.t(), chunk)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

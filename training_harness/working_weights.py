@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from training_harness.config import TrainConfig
-from training_harness.lm import CausalLM
+from training_harness.lm import CausalLM, add_product
 
 
 def working_weights_refusal(config: TrainConfig, world_size: int) -> str | None:
@@ -62,9 +62,6 @@ def weight_gradient(weight: torch.Tensor, left: torch.Tensor, right: torch.Tenso
         return left @ right
     add_product(left, right)
     return None
-
-
-_MM_INTO_FLOAT32 = "dtype_out" in torch.ops.aten.addmm.overloads()  # addmm(..., out_dtype=): in recent torch, CUDA only
 
 
 class WorkingWeights:
@@ -98,13 +95,7 @@ class WorkingWeights:
 
     def _add_product(self, index: int, left: torch.Tensor, right: torch.Tensor) -> None:
         """``left @ right`` (bf16) into the sum: by the product itself on CUDA, else as autograd would add it."""
-        total = self.sums[index]
-        if not (left.is_cuda and _MM_INTO_FLOAT32):
-            self._add(index, left @ right)
-        elif total is None:
-            self.sums[index] = torch.mm(left, right, out_dtype=torch.float32)
-        else:
-            torch.addmm(total, left, right, out_dtype=torch.float32, out=total)
+        self.sums[index] = add_product(self.sums[index], left, right)
 
     @contextlib.contextmanager
     def masters(self) -> Iterator[None]:
