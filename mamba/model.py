@@ -179,7 +179,8 @@ def stock_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 FAMILY = ModelFamily(
     name="mamba", display_name="Mamba", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=scan_flops_per_token,
-    gpu_plan={"0.5B": {"micro_batch_size": 8}, "1.5B": {"micro_batch_size": 4},
+    gpu_plan={"0.5B": {"micro_batch_size": 4, "working_weights": True},  # change 45
+              "1.5B": {"micro_batch_size": 4},
               "3B": {"micro_batch_size": 1, "working_weights": True}},  # change 41
     published_ranks={"ppl": 2, "amu_gb": 1, "al_s_per_iter": 1, "tt_tokens_per_param_s": 4, "aec_w": 1},
     stock=StockReference("mamba_ssm MambaLMHeadModel (Mamba1; fused add+RMSNorm, residual in fp32)",
