@@ -3,7 +3,7 @@
 
     python scripts/benchmark_fused_kernels.py [--rounds 2] [--output FILE]
 
-Three parts, each timed with CUDA events over repeated calls after a warm-up, in rounds, the spread reported:
+Four parts, each timed with CUDA events over repeated calls after a warm-up, in rounds, the spread reported:
 - loss: the cross-entropy and its gradient over one (4096, vocabulary) chunk of bf16 logits, as the output
   head's loss computes them, for Qwen2.5's and GPT-NeoX's vocabularies: the reference compiled as the harness
   compiles it (``CausalLM.compile_regions``), the Triton kernel (``training_harness/cross_entropy_kernel.py``) at
@@ -15,6 +15,9 @@ Three parts, each timed with CUDA events over repeated calls after a warm-up, in
   and of Qwen2.5 0.5B's output head over one loss chunk, as a float32 gradient sum takes them: a bf16 product
   that is then cast (the first micro-batch or chunk) or added (the others), against the product adding itself
   into the sum in cuBLAS (``weight_gradient`` for working weights, change 42; ``add_product`` in the loss, 44).
+- head: the whole output head's loss, forward and backward (``linear_cross_entropy`` under bf16 autocast over a
+  float32 weight), over one 0.5B micro-batch of 32,768 tokens at the shapes of Qwen2.5, Pythia and Mamba, in
+  chunks of 4096 to 32,768 tokens (``--loss_chunk_tokens``), with the allocator's peak above its inputs.
 Prints one line per measurement and writes them as JSON (default: docs/benchmarks/fused_kernels_<gpu>.json).
 """
 
@@ -33,11 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from efficientllm_metrics import write_json_atomic  # noqa: E402
-from training_harness.lm import softmax_cross_entropy_grad  # noqa: E402
+from training_harness.lm import linear_cross_entropy, softmax_cross_entropy_grad  # noqa: E402
 from training_harness.working_weights import WorkingWeights, weight_gradient  # noqa: E402
 
 VOCABULARIES = {"qwen2.5": 151_936, "gpt-neox-20b": 50_304}
 CHUNK_TOKENS = 4096
+#: The output heads of the 0.5B plans: vocabulary rows and width; tokens per micro-batch (4 x 8192).
+HEADS = {"Qwen2.5 0.5B": (151_936, 896), "Pythia 0.5B": (50_304, 1024), "Mamba 0.5B": (50_304, 768)}
+HEAD_TOKENS = 32_768
+HEAD_CHUNKS = (4096, 8192, 16_384, 32_768)
 KERNEL_TILES = [(4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32)]
 
 
@@ -192,6 +199,41 @@ def bench_weight_gradient_case(case: str, left: torch.Tensor, right: torch.Tenso
     return rows
 
 
+def bench_heads(rounds: int, reps: int) -> list[dict]:
+    return [row for case, (vocab, d_model) in HEADS.items() for row in bench_head_case(case, vocab, d_model,
+                                                                                        rounds, reps)]
+
+
+def bench_head_case(case: str, vocab: int, d_model: int, rounds: int, reps: int) -> list[dict]:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.nn.Parameter(0.02 * torch.randn(vocab, d_model, device="cuda", generator=generator))
+    hidden = torch.randn(HEAD_TOKENS, d_model, device="cuda", generator=generator).to(torch.bfloat16)
+    hidden.requires_grad_()
+    labels = torch.randint(vocab, (HEAD_TOKENS,), device="cuda", generator=generator)
+    rows, reference = [], None
+    for chunk in HEAD_CHUNKS:
+        def step(chunk=chunk):
+            weight.grad = hidden.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = linear_cross_entropy(hidden, weight, labels, chunk_tokens=chunk)
+            loss.backward()
+            return loss
+
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        loss = step()
+        facts = {"peak_gb_above_inputs": (torch.cuda.max_memory_allocated() - start) / 1e9}
+        if reference is None:
+            reference = loss.item(), weight.grad.clone()
+        facts["loss_rel_to_4096"] = abs(loss.item() / reference[0] - 1)
+        facts["grad_rel_to_4096"] = float((weight.grad - reference[1]).norm() / reference[1].norm())
+        rows.append(record("head", case, f"chunks of {chunk} tokens", [time_ms(step, reps) for _ in range(rounds)],
+                           facts))
+    return rows
+
+
 def record(part: str, case: str, candidate: str, times: list[float], error: dict) -> dict:
     row = {"part": part, "case": case, "candidate": candidate, "ms": [round(t, 4) for t in times],
            "ms_median": round(statistics.median(times), 4), **error}
@@ -204,7 +246,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="timings of every measurement, for the spread")
     parser.add_argument("--reps", type=int, default=20, help="calls per round")
-    parser.add_argument("--parts", default="loss,blocks,wgrad", help="comma-separated: loss, blocks, wgrad")
+    parser.add_argument("--parts", default="loss,blocks,wgrad,head",
+                        help="comma-separated: loss, blocks, wgrad, head")
     parser.add_argument("--output", type=Path, help="JSON file (default: docs/benchmarks/fused_kernels_<gpu>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -215,7 +258,8 @@ def main() -> int:
     parts = args.parts.split(",")
     rows = ((bench_loss(args.rounds, args.reps) if "loss" in parts else [])
             + (bench_blocks(args.rounds, max(args.reps // 4, 3)) if "blocks" in parts else [])
-            + (bench_weight_gradients(args.rounds, args.reps) if "wgrad" in parts else []))
+            + (bench_weight_gradients(args.rounds, args.reps) if "wgrad" in parts else [])
+            + (bench_heads(args.rounds, max(args.reps // 4, 3)) if "head" in parts else []))
     output = args.output or ROOT / "docs" / "benchmarks" / f"fused_kernels_{gpu.replace(' ', '_')}.json"
     write_json_atomic(output, {"device": gpu, "torch": torch.__version__, "rows": rows})
     print(f"wrote {output}")

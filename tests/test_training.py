@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training_harness import distributed, kernel_warmup, profiling
+from training_harness import distributed, kernel_warmup, lm, profiling
 from training_harness import trainer as trainer_module
 from training_harness.cli import main
 from training_harness.config import TrainConfig, parse_config
@@ -351,6 +351,24 @@ def test_activation_checkpointing_leaves_the_loss_curve_unchanged(data_dir, tmp_
                           "--checkpoint_blocks", "1") == 0
     assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
     assert read_results(tmp_path / "part")["checkpoint_blocks"] == 1
+
+
+def test_the_loss_chunk_flag_reaches_the_loss_and_leaves_the_loss_curve_unchanged(data_dir, tmp_path, monkeypatch):
+    chunks, loss = [], lm.linear_cross_entropy
+
+    def recording(hidden, weight, labels, chunk_tokens, loss_and_grad):
+        chunks.append(chunk_tokens)
+        return loss(hidden, weight, labels, chunk_tokens, loss_and_grad)
+
+    monkeypatch.setattr(lm, "linear_cross_entropy", recording)
+    assert run_in_process(data_dir, tmp_path / "default", "--max_steps", "3") == 0
+    assert set(chunks) == {lm.LOSS_CHUNK_TOKENS}
+    chunks.clear()
+    assert run_in_process(data_dir, tmp_path / "small", "--max_steps", "3", "--loss_chunk_tokens", "7") == 0
+    assert set(chunks) == {7}
+    assert losses(tmp_path / "small") == pytest.approx(losses(tmp_path / "default"), rel=1e-5)
+    with pytest.raises(ConfigError, match="loss_chunk_tokens must be positive"):
+        TrainConfig(loss_chunk_tokens=0)
 
 
 def test_checkpoint_blocks_picks_the_first_blocks_and_refuses_too_many():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from training_harness.errors import ConfigError
 from training_harness.flags import dataclass_parser
+from training_harness.lm import LOSS_CHUNK_TOKENS
 from training_harness.prepare_data import DEFAULT_VAL_FRACTION
 from training_harness.registry import PRESETS, SIZES
 
@@ -65,6 +66,9 @@ class TrainConfig:
                 "optimizer step to the next instead of casting them in every micro-batch (autocast's arithmetic, "
                 "except that Mamba's own backward adds weight gradients into float32 sums unrounded; more memory "
                 "where blocks are recomputed, whose casts autocast frees at once)"})
+    loss_chunk_tokens: int = field(default=LOSS_CHUNK_TOKENS, metadata={
+        "help": "tokens per chunk of the output head's loss: a larger chunk holds more logits (tokens x vocabulary "
+                "in bf16) and adds its head gradient into the float32 sum fewer times"})
     kernel_warmup: bool = field(default=True, metadata={
         "help": "on CUDA, for families that pin Triton kernels (RWKV-7, Mamba-2, Gated DeltaNet): compile them in "
                 "a helper process while the first step compiles the rest (its output: kernel_warmup.log)"})
@@ -103,6 +107,7 @@ class TrainConfig:
             (self.sample_interval_s > 0, "sample_interval_s must be positive"),
             (self.batch_size is None or self.batch_size > 0, "batch_size must be positive"),
             (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be positive"),
+            (self.loss_chunk_tokens > 0, f"loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}"),
             (self.checkpoint_blocks is None or (self.activation_checkpointing and self.checkpoint_blocks > 0),
              "checkpoint_blocks must be positive and needs --activation_checkpointing"),
             (self.eval_windows >= 0, f"eval_windows must be 0 (all) or positive, got {self.eval_windows}"),

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from training_harness.torch_workarounds import apply_compile_workarounds
 
-#: Tokens per cross-entropy chunk: 4096 x 151,936 bf16 logits are 1.2 GB.
+#: Tokens per cross-entropy chunk unless a plan sets --loss_chunk_tokens: 4096 x 151,936 bf16 logits are 1.2 GB.
 LOSS_CHUNK_TOKENS = 4096
 
 #: (logits, labels) -> (summed loss, gradient with respect to the logits): one chunk's loss.
@@ -184,6 +184,7 @@ class CausalLM(nn.Module):
         self.vocab_size = vocab_size
         self.kernel_path = kernel_path
         self.loss_and_grad = None  # the device's (device_loss_and_grad) unless compile_regions compiles one
+        self.loss_chunk_tokens = LOSS_CHUNK_TOKENS
         self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
         if self.lm_head is not None and head_init_std is not None:
             nn.init.normal_(self.lm_head.weight, std=head_init_std)
@@ -201,7 +202,7 @@ class CausalLM(nn.Module):
         hidden = self.backbone(input_ids)
         if labels is None:
             return hidden @ self.head_weight.t()
-        return linear_cross_entropy(hidden, self.head_weight, labels, loss_and_grad=self.loss_and_grad)
+        return linear_cross_entropy(hidden, self.head_weight, labels, self.loss_chunk_tokens, self.loss_and_grad)
 
     def compile_regions(self, **kwargs) -> None:
         """Regional compilation: each block (compiled once, reused by its identical siblings) and, off CUDA,

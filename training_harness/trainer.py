@@ -215,6 +215,7 @@ class Trainer:
         shape = self.family.shape(config.model_size, config.preset)
         if config.precision == "bf16":
             model = model.to(torch.bfloat16)
+        model.loss_chunk_tokens = config.loss_chunk_tokens
         self.description = RunDescription(
             family=self.family.name, display_name=self.family.display_name, size=config.model_size,
             preset=config.preset, shape=shape, params=parameter_count(model), vocab_rows=vocab_rows,
