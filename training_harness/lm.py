@@ -84,6 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += loss
             grad_hidden[start:start + chunk_tokens] = grad_logits @ matrix
             grad_weight = add_product(grad_weight, grad_logits.t(), chunk)
+            del grad_logits  # before the next chunk's logits exist: one chunk's logits in memory at a time
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
