@@ -67,8 +67,8 @@ class TrainConfig:
                 "except that Mamba's own backward adds weight gradients into float32 sums unrounded; more memory "
                 "where blocks are recomputed, whose casts autocast frees at once)"})
     loss_chunk_tokens: int = field(default=LOSS_CHUNK_TOKENS, metadata={
-        "help": "tokens per chunk of the output head's loss: a larger chunk holds more logits (tokens x vocabulary "
-                "in bf16) and adds its head gradient into the float32 sum fewer times"})
+        "help": "tokens per chunk of the output head's loss: a larger chunk holds more logits (tokens x vocabulary, "
+                "bf16 under autocast) and adds its head gradient into the float32 sum fewer times"})
     kernel_warmup: bool = field(default=True, metadata={
         "help": "on CUDA, for families that pin Triton kernels (RWKV-7, Mamba-2, Gated DeltaNet): compile them in "
                 "a helper process while the first step compiles the rest (its output: kernel_warmup.log)"})
