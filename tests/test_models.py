@@ -1,7 +1,6 @@
 """Every family: tiny shapes learn, counts match the docs, reference paths match recurrences and kernels."""
 
 import copy
-import functools
 import importlib.util
 import math
 import re
@@ -22,7 +21,6 @@ from gated_deltanet.delta_rule import gated_delta_rule_reference
 from gated_deltanet.short_conv import short_conv_fla, short_conv_reference
 from mamba2.ssd import ssd_scan
 from rwkv.wkv7 import wkv7_reference
-from training_harness.cuda_graphs import GraphedStep
 from training_harness.lm import add_product, linear_cross_entropy, matmul_params, softmax_cross_entropy_grad
 from training_harness.registry import FAMILY_MODULES, PAPER_FAMILIES, count_on_meta, get_family, resolve_families
 
@@ -146,33 +144,6 @@ def test_linear_cross_entropy_under_autocast_keeps_a_float32_weight_gradient():
     assert loss.item() == pytest.approx(ref.item(), rel=2e-2)  # bf16 products
     error = (weight.grad.double() - exact_weight.grad).norm() / exact_weight.grad.norm()
     assert error < 2e-2
-
-
-def tied_and_dense_copies(name: str, device: str = "cpu") -> tuple:
-    """A family's tiny model twice: as built (the dense embedding gradient) and with its embedding rows added
-    into the head's gradient where the two are tied."""
-    torch.manual_seed(0)
-    family = get_family(name)
-    dense = family.build(family.shape("0.5B", "tiny"), VOCAB, device, False).to(device)
-    rows = copy.deepcopy(dense)
-    rows.add_embedding_rows_into_head()
-    return dense, rows
-
-
-@pytest.mark.parametrize("name", sorted(FAMILY_MODULES))
-def test_tied_embedding_rows_add_into_the_head_gradient_as_the_dense_gradient_would(name):
-    """Over two micro-batches every gradient is the dense embedding gradient's, and the tied weight's is dense
-    for AdamW; an untied embedding, and a bf16 one, keep the dense gradient."""
-    dense, rows = tied_and_dense_copies(name)
-    assert rows.backbone.embedding.sparse is (rows.lm_head is None)
-    for tokens in torch.randint(0, VOCAB, (2, 2, 33)):
-        for model in (dense, rows):
-            model(tokens[:, :-1], tokens[:, 1:]).backward()
-    for want, got in zip(dense.parameters(), rows.parameters(), strict=True):
-        assert got.grad.layout == torch.strided
-        torch.testing.assert_close(got.grad, want.grad)
-    rows.to(torch.bfloat16).add_embedding_rows_into_head()
-    assert not rows.backbone.embedding.sparse
 
 
 def test_add_product_starts_a_float32_sum_and_adds_into_it():
@@ -614,31 +585,6 @@ def test_linear_cross_entropy_on_cuda_matches_the_reference_path():
         results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
     for got, want in zip(*results):
         assert relative_error(got, want) < 1e-2
-
-
-@cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("graphed", [False, True])
-def test_tied_embedding_rows_add_into_the_head_gradient_on_the_gpu(graphed):
-    """Under autocast with the loss kernel, eager and captured in a CUDA graph (a plan's --cuda_graphs)."""
-    dense, rows = tied_and_dense_copies("qwen", "cuda")
-    batches = [(tokens[:, :-1], tokens[:, 1:]) for tokens in torch.randint(0, VOCAB, (2, 2, 257), device="cuda")]
-
-    def forward_backward(model, batches):
-        for inputs, labels in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(inputs, labels)
-            (loss / len(batches)).backward()
-        return loss.detach()
-
-    forward_backward(dense, batches)
-    if graphed:
-        GraphedStep(rows, functools.partial(forward_backward, rows), batches).run(batches)
-    else:
-        forward_backward(rows, batches)
-    for want, got in zip(dense.parameters(), rows.parameters(), strict=True):
-        assert got.grad.layout == torch.strided
-        assert relative_error(got.grad, want.grad) < 1e-5
 
 
 @cuda

@@ -198,15 +198,6 @@ class CausalLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.backbone.embedding.weight if self.lm_head is None else self.lm_head.weight
 
-    def add_embedding_rows_into_head(self) -> None:
-        """Where the embedding is the head (tied) and float32: its gradient as the rows it looked up (sparse),
-        which autograd adds into the head's dense gradient in place, instead of a dense (V, D) gradient of zeros
-        and rows that is then added whole (docs/performance.md, change 47). One process only: DDP's reducer
-        expects a sparse embedding's gradient to arrive sparse, and this one arrives dense. A bf16 weight keeps
-        the dense gradient, which sums a token's rows in float32 before rounding, not one by one in bf16."""
-        embedding = self.backbone.embedding
-        embedding.sparse = self.lm_head is None and embedding.weight.dtype == torch.float32
-
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The mean loss against ``labels`` (B, T); the logits (B, T, V) when no labels are given."""
         hidden = self.backbone(input_ids)

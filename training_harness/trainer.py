@@ -216,8 +216,6 @@ class Trainer:
         if config.precision == "bf16":
             model = model.to(torch.bfloat16)
         model.loss_chunk_tokens = config.loss_chunk_tokens
-        if not context.distributed:
-            model.add_embedding_rows_into_head()
         self.description = RunDescription(
             family=self.family.name, display_name=self.family.display_name, size=config.model_size,
             preset=config.preset, shape=shape, params=parameter_count(model), vocab_rows=vocab_rows,
