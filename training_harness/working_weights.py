@@ -16,8 +16,8 @@ Only weights whose products autocast runs in bf16 and whose gradients come out o
 backbone's ``nn.Linear`` weights. The output head stays float32: the loss accumulates its gradient in float32
 over chunks of tokens, which a bf16 copy would round.
 
-A plan takes the copies with --working_weights (Mamba's 0.5B and 3B, Qwen2.5's 0.5B and 1.5B), one process at a
-time: several would reduce bf16 gradients. They cost memory where blocks are recomputed, whose casts autocast
+A plan takes the copies with --working_weights (each family's ``gpu_plan`` says which), one process at a time:
+several would reduce bf16 gradients. They cost memory where blocks are recomputed, whose casts autocast
 frees as soon as each block is done, and have not been tested under --cuda_graphs.
 """
 
