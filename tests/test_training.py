@@ -434,11 +434,13 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(data_dir, tmp_path, capsy
     ("qwen", []), ("mamba2", ["--compile"]),
     # as the 3B plans that replay graphs run: compiled, some blocks recomputed
     *[(family, ["--compile", "--activation_checkpointing", "--checkpoint_blocks", "1"])
-      for family in ("qwen", "rwkv", "gated_deltanet")]])
+      for family in ("qwen", "rwkv", "gated_deltanet")],
+    # working weights: their float32 sums made by the capture; Mamba's backward adds its products into them
+    ("qwen", ["--compile", "--working_weights"]), ("mamba", ["--compile", "--working_weights"])])
 def test_cuda_graph_steps_train_as_the_plain_steps_do(family, flags, data_dir, tmp_path):
     """Two micro-batches per step, a large learning rate: a gradient lost or counted twice across the
-    micro-batches or the steps (the capture's own gradients), or a recomputed block that differs from its
-    forward pass, would change the gradient norm and the losses."""
+    micro-batches or the steps (the capture's own gradients or gradient sums), or a recomputed block that
+    differs from its forward pass, would change the gradient norm and the losses."""
     if family == "gated_deltanet":
         from gated_deltanet import delta_rule
 
@@ -456,6 +458,8 @@ def test_cuda_graph_steps_train_as_the_plain_steps_do(family, flags, data_dir, t
     results = read_results(tmp_path / "graphs")
     assert results["cuda_graphs"] is True
     assert results["ppl"] == pytest.approx(read_results(tmp_path / "plain")["ppl"], rel=1e-3)
+    config = json.loads((tmp_path / "graphs" / "config.json").read_text())["config"]
+    assert config["working_weights"] is ("--working_weights" in flags)
 
 
 def test_compiled_rwkv_regions_run_cold_and_from_a_warm_compile_cache(data_dir, tmp_path):

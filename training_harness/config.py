@@ -62,7 +62,7 @@ class TrainConfig:
                 "second step) and replay it: for steps whose kernels the host cannot launch as fast as the GPU "
                 "runs them"})
     working_weights: bool = field(default=False, metadata={
-        "help": "bf16-mixed on one process, without --cuda_graphs: keep bf16 copies of the matrix weights from one "
+        "help": "bf16-mixed on one process: keep bf16 copies of the matrix weights from one "
                 "optimizer step to the next instead of casting them in every micro-batch (autocast's arithmetic, "
                 "except that Mamba's own backward adds weight gradients into float32 sums unrounded; more memory "
                 "where blocks are recomputed, whose casts autocast frees at once)"})

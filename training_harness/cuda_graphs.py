@@ -2,8 +2,8 @@
 
 Where the host cannot launch a step's kernels as fast as the GPU runs them (Mamba-2 at 3B and micro-batch 1
 launches ~11,000 per step, most from Python), the GPU waits between kernels. A replay launches the whole step
-at once. PyTorch's whole-network capture (torch.cuda.graphs): warm-up on a side stream, gradients set to None
-so that the capture allocates them from the graph's memory pool, then one capture of the step.
+at once. PyTorch's whole-network capture (torch.cuda.graphs): warm-up on a side stream, gradients dropped so
+that the capture allocates them from the graph's memory pool, then one capture of the step.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn as nn
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels) of one micro-batch, on the device
 
@@ -22,12 +21,13 @@ WARMUP_ITERATIONS = 3
 class GraphedStep:
     """``forward_backward(batches) -> summed loss``, captured on copies of ``example`` and replayed by ``run``.
 
-    Gradients accumulate into the ``.grad`` tensors that the capture created; each replay overwrites them, so
-    between steps they are neither zeroed nor set to None (the optimizer reads them, then the next replay
-    writes them again). The model must not change its parameters' identity afterwards."""
+    ``drop_gradients`` sets every gradient (and working weights' float32 sums) to None before the capture.
+    Gradients accumulate into the tensors that the capture created; each replay overwrites them, so between
+    steps they are neither zeroed nor set to None (the optimizer reads them, then the next replay writes them
+    again). The model must not change its parameters' identity, or the storage its forward reads, afterwards."""
 
-    def __init__(self, model: nn.Module, forward_backward: Callable[[list[Batch]], torch.Tensor],
-                 example: list[Batch]):
+    def __init__(self, forward_backward: Callable[[list[Batch]], torch.Tensor], example: list[Batch],
+                 drop_gradients: Callable[[], None]):
         self.inputs = [(inputs.clone(), labels.clone()) for inputs, labels in example]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -35,7 +35,7 @@ class GraphedStep:
             for _ in range(WARMUP_ITERATIONS):
                 forward_backward(self.inputs)
         torch.cuda.current_stream().wait_stream(side)
-        model.zero_grad(set_to_none=True)
+        drop_gradients()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the graph's pool replaces the blocks cached by the steps before it
         self.graph = torch.cuda.CUDAGraph()

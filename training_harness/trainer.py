@@ -371,7 +371,7 @@ class Trainer:
         config = self.config
         batches = [self._micro_batch(index) for index in range(self.accumulation)]
         if config.cuda_graphs and self.graphed_step is None and self.step > self.first_step:
-            self.graphed_step = GraphedStep(self.model, self._forward_backward, batches)
+            self.graphed_step = GraphedStep(self._forward_backward, batches, self._drop_gradients)
         if self.graphed_step is None:
             loss_sum = self._forward_backward(batches)
         else:
@@ -383,6 +383,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return loss_sum, grad_norm
+
+    def _drop_gradients(self) -> None:
+        with self._masters():  # so that working weights drop their float32 sums too
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _micro_batch(self, index: int) -> Batch:
         config, context = self.config, self.context
@@ -485,8 +489,7 @@ class Trainer:
             and self.micro_batch > 1
 
     def _halve_micro_batch(self) -> None:
-        with self._masters():  # the failed step's gradient sums go too
-            self.optimizer.zero_grad(set_to_none=True)
+        self._drop_gradients()  # the failed step's
         if self.context.cuda_indices:
             torch.cuda.empty_cache()
         per_rank, failed = self.micro_batch * self.accumulation, self.micro_batch

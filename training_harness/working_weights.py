@@ -18,7 +18,8 @@ over chunks of tokens, which a bf16 copy would round.
 
 A plan takes the copies with --working_weights (each family's ``gpu_plan`` says which), one process at a time:
 several would reduce bf16 gradients. They cost memory where blocks are recomputed, whose casts autocast
-frees as soon as each block is done, and have not been tested under --cuda_graphs.
+frees as soon as each block is done. Under --cuda_graphs the capture makes the float32 sums in the graph's
+pool, as it makes gradients, and each replay writes them anew (cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ def working_weights_refusal(config: TrainConfig, world_size: int) -> str | None:
         return f"--precision {config.precision} has no float32 master weights cast to bf16"
     if world_size > 1:
         return f"these {world_size} processes would reduce bf16 gradients"
-    if config.cuda_graphs:
-        return "the copies have not been tested under --cuda_graphs"
     return None
 
 
