@@ -436,7 +436,7 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(data_dir, tmp_path, capsy
     *[(family, ["--compile", "--activation_checkpointing", "--checkpoint_blocks", "1"])
       for family in ("qwen", "rwkv", "gated_deltanet")],
     # working weights: their float32 sums made by the capture; Mamba's backward adds its products into them
-    ("qwen", ["--compile", "--working_weights"]), ("mamba", ["--compile", "--working_weights"])])
+    *[(family, ["--compile", "--working_weights"]) for family in ("qwen", "mamba", "rwkv")]])
 def test_cuda_graph_steps_train_as_the_plain_steps_do(family, flags, data_dir, tmp_path):
     """Two micro-batches per step, a large learning rate: a gradient lost or counted twice across the
     micro-batches or the steps (the capture's own gradients or gradient sums), or a recomputed block that
