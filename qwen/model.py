@@ -51,7 +51,8 @@ FAMILY = ModelFamily(
     name="qwen", display_name="Qwen2.5", default_tokenizer="Qwen/Qwen2.5-0.5B", tokenizer_vocab=151_665,
     shapes=SHAPES, build=build, sequence_flops_per_token=attention_flops_per_token,
     min_vocab_rows={"paper": 151_936, "matched": 151_936},
-    gpu_plan={"0.5B": {"micro_batch_size": 4, "loss_chunk_tokens": 16_384, "working_weights": True},  # change 48
+    gpu_plan={"0.5B": {"micro_batch_size": 4, "loss_chunk_tokens": 16_384, "working_weights": True,  # change 48
+                       "cuda_graphs": True},  # change 49
               "1.5B": {"micro_batch_size": 2, "loss_chunk_tokens": 16_384, "working_weights": True},
               "3B": {"micro_batch_size": 1, "activation_checkpointing": True, "checkpoint_blocks": 14}},
     published_ranks={"ppl": 1, "amu_gb": 4, "al_s_per_iter": 4, "tt_tokens_per_param_s": 1, "aec_w": 4},
