@@ -62,10 +62,10 @@ class TrainConfig:
                 "second step) and replay it: for steps whose kernels the host cannot launch as fast as the GPU "
                 "runs them"})
     working_weights: bool = field(default=False, metadata={
-        "help": "bf16-mixed on one process: keep bf16 copies of the matrix weights from one "
-                "optimizer step to the next instead of casting them in every micro-batch (autocast's arithmetic, "
-                "except that Mamba's own backward adds weight gradients into float32 sums unrounded; more memory "
-                "where blocks are recomputed, whose casts autocast frees at once)"})
+        "help": "bf16-mixed on one process: keep bf16 copies of the matrix weights from one optimizer step to the "
+                "next instead of casting them in every micro-batch (autocast's arithmetic, except that Mamba's own "
+                "backward adds weight gradients into float32 sums unrounded; more memory where blocks are "
+                "recomputed, whose casts autocast frees at once)"})
     loss_chunk_tokens: int = field(default=LOSS_CHUNK_TOKENS, metadata={
         "help": "tokens per chunk of the output head's loss: a larger chunk holds more logits (tokens x vocabulary, "
                 "bf16 under autocast) and adds its head gradient into the float32 sum fewer times"})

@@ -489,7 +489,7 @@ class Trainer:
             and self.micro_batch > 1
 
     def _halve_micro_batch(self) -> None:
-        self._drop_gradients()  # the failed step's
+        self._drop_gradients()  # the failed step's gradients and their sums
         if self.context.cuda_indices:
             torch.cuda.empty_cache()
         per_rank, failed = self.micro_batch * self.accumulation, self.micro_batch
