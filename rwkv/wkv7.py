@@ -7,7 +7,7 @@ Per head, with a (K, V) state S and per-token vectors r, w, k, a, b of size K an
 
 ``w`` is the log decay (< 0). RWKV-7 uses a = -kk and b = kk * iclr (the normalized key and the
 in-context learning rate), which makes ``diag(exp(w)) + b a^T`` a decayed delta-rule update.
-This is the diagonal-plus-low-rank form that fla's ``chunk_rwkv7`` computes.
+This is the diagonal-plus-low-rank form that fla's ``chunk_rwkv7`` computes; ``ChunkWKV7`` runs its kernels.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 
 from training_harness.kernel_pins import kernel_choice
 
-FLA_PATH = "flash-linear-attention chunk_rwkv7 (Triton, chunked DPLR)"
+FLA_PATH = "flash-linear-attention's chunked DPLR kernels (Triton), chunk states kept for the backward"
 REFERENCE_PATH = "PyTorch reference WKV-7 recurrence (slow)"
-#: RWKV-7 bounds the log decay to [-exp(-0.5), 0); telling the kernel lets it use tensor cores safely.
+#: RWKV-7 bounds the log decay to [-exp(-0.5), 0), which lets fla's kernels use tensor cores on 64-token chunks.
 LOG_DECAY_LOWER_BOUND = -0.6065306597126334
 
 
@@ -51,11 +51,74 @@ def wkv7_reference(r, w, k, v, a, b, initial_state=None):
     return torch.stack(outputs, dim=1), state
 
 
+class ChunkWKV7(torch.autograd.Function):
+    """fla's chunked DPLR kernels, the ones ``chunk_rwkv7`` runs, with two of the forward's results kept for the
+    backward: the state at each chunk's start (h) and the chunks' corrected values (v_new). fla's own backward
+    recomputes every intermediate of the forward; the state pass is the most costly of them (one kernel walking
+    all chunks in turn, ~6 % of an RWKV-7 0.5B step's GPU time, docs/performance.md, change 50), and its two
+    results take as much memory as two of the block's bf16 activations. The rest (cumulative decays, the
+    in-chunk matrices, the WY form) is recomputed as fla does. r, log_decay, k, v, a, b: (B, T, H, K), one
+    dtype."""
+
+    @staticmethod
+    def forward(ctx, r, log_decay, k, v, a, b):
+        from fla.ops.generalized_delta_rule.dplr.chunk import chunk_dplr_fwd
+
+        r, log_decay, k, v, a, b = (t.contiguous() for t in (r, log_decay, k, v, a, b))
+        output, _, _, intermediates = chunk_dplr_fwd(
+            q=r, k=k, v=v, a=a, b=b, gk=log_decay, scale=1.0, initial_state=None, output_final_state=False,
+            chunk_size=_chunk_size(), safe_gate=True, disable_recompute=True)
+        *_, states, new_values, _ = intermediates  # ..., h, v_new, A_ab_inv
+        ctx.save_for_backward(r, log_decay, k, v, a, b, states, new_values)
+        return output.to(r.dtype)
+
+    @staticmethod
+    def backward(ctx, d_output):
+        from fla.ops.generalized_delta_rule.dplr import (
+            chunk_A_bwd,
+            chunk_A_fwd,
+            chunk_h_bwd,
+            chunk_o_bwd,
+            wy_fast_bwd,
+            wy_fast_fwd,
+        )
+        from fla.ops.rwkv6.chunk import chunk_rwkv6_fwd_cumsum
+        from fla.ops.utils.constant import RCP_LN2
+
+        r, log_decay, k, v, a, b, states, new_values = ctx.saved_tensors
+        d_output, chunk = d_output.contiguous(), _chunk_size()
+        gi, ge = chunk_rwkv6_fwd_cumsum(log_decay, chunk, scale=RCP_LN2)
+        A_ab, A_qk, A_ak, A_qb, qg, kg, ag, bg = chunk_A_fwd.chunk_dplr_fwd_intra(
+            q=r, k=k, a=a, b=b, gi=gi, ge=ge, scale=1.0, chunk_size=chunk, safe_gate=True)
+        w, _, A_ab_inv = wy_fast_fwd.prepare_wy_repr_fwd(ag=ag, A_ab=A_ab, A_ak=A_ak, v=v, chunk_size=chunk,
+                                                         safe_gate=True)
+        del A_ab
+        dv_new_intra, dA_qk, dA_qb = chunk_o_bwd.chunk_dplr_bwd_dAu(v=v, v_new=new_values, do=d_output, A_qb=A_qb,
+                                                                   scale=1.0, chunk_size=chunk)
+        dh, _, dv_new = chunk_h_bwd.chunk_dplr_bwd_dhu(qg=qg, bg=bg, w=w, gk=gi, h0=None, dht=None, do=d_output,
+                                                      dv=dv_new_intra, chunk_size=chunk)
+        dv = chunk_o_bwd.chunk_dplr_bwd_dv(A_qk=A_qk, kg=kg, do=d_output, dh=dh, chunk_size=chunk)
+        dqg, dkg, dw, dbg, dgk_last = chunk_o_bwd.chunk_dplr_bwd_o(
+            k=kg, b=bg, v=v, v_new=new_values, do=d_output, h=states, dh=dh, dv=dv_new, w=w, gk=gi,
+            chunk_size=chunk, scale=1.0)
+        dA_ab, dA_ak, dv, dag = wy_fast_bwd.chunk_dplr_bwd_wy(A_ab_inv=A_ab_inv, A_ak=A_ak, v=v, ag=ag, dw=dw,
+                                                              du=dv_new, dv0=dv, cu_seqlens=None, chunk_size=chunk)
+        dr, dk, da, db, d_log_decay = chunk_A_bwd.chunk_dplr_bwd_dqk_intra(
+            q=r, k=k, a=a, b=b, gi=gi, ge=ge, dAqk=dA_qk, dAqb=dA_qb, dAak=dA_ak, dAab=dA_ab, dqg=dqg, dkg=dkg,
+            dag=dag, dbg=dbg, dgk_last=dgk_last, scale=1.0, chunk_size=chunk, safe_gate=True)
+        return dr.to(r), d_log_decay.to(log_decay), dk.to(k), dv.to(v), da.to(a), db.to(b)
+
+
+def _chunk_size() -> int:
+    """What ``chunk_rwkv7`` chooses when told the decay's bound: 64 tokens, 16 where Triton is older than 3.4."""
+    from fla.ops.generalized_delta_rule.dplr.chunk import gate_bound_is_safe
+    from fla.utils import TRITON_ABOVE_3_4_0
+
+    return 64 if TRITON_ABOVE_3_4_0 and gate_bound_is_safe(LOG_DECAY_LOWER_BOUND, 64) else 16
+
+
 @torch.compiler.disable  # Triton kernels behind an autograd.Function: dynamo must not trace into them
 def wkv7_fla(r, w, k, v, a, b):
-    """The chunked Triton kernel; same arguments and result as ``wkv7_reference`` (without the state)."""
+    """The chunked Triton kernels; same arguments and result as ``wkv7_reference`` (without the state)."""
     fla_kernel_choice()  # the first import of fla pins its kernel configurations
-    from fla.ops.rwkv7 import chunk_rwkv7
-
-    output, _ = chunk_rwkv7(r, w, k, v, a, b, scale=1.0, safe_gate=True, lower_bound=LOG_DECAY_LOWER_BOUND)
-    return output
+    return ChunkWKV7.apply(r, w, k, v, a, b)

@@ -3,7 +3,7 @@
 
     python scripts/benchmark_fused_kernels.py [--rounds 2] [--output FILE]
 
-Four parts, each timed with CUDA events over repeated calls after a warm-up, in rounds, the spread reported:
+Five parts, each timed with CUDA events over repeated calls after a warm-up, in rounds, the spread reported:
 - loss: the cross-entropy and its gradient over one (4096, vocabulary) chunk of bf16 logits, as the output
   head's loss computes them, for Qwen2.5's and GPT-NeoX's vocabularies: the reference compiled as the harness
   compiles it (``CausalLM.compile_regions``), the Triton kernel (``training_harness/cross_entropy_kernel.py``) at
@@ -18,6 +18,9 @@ Four parts, each timed with CUDA events over repeated calls after a warm-up, in 
 - head: the whole output head's loss, forward and backward (``linear_cross_entropy`` under bf16 autocast over a
   float32 weight), over one 0.5B micro-batch of 32,768 tokens at the shapes of Qwen2.5, Pythia and Mamba, in
   chunks of 4096 to 32,768 tokens (``--loss_chunk_tokens``), with the allocator's peak above its inputs.
+- wkv (with flash-linear-attention installed): RWKV-7's recurrence, forward and backward at the 0.5B, 1.5B and
+  3B plans' micro-batches: fla's ``chunk_rwkv7``, whose backward recomputes the forward's intermediates, against
+  ``rwkv.wkv7.ChunkWKV7``, which keeps the chunk states; with the memory each keeps for its backward.
 Prints one line per measurement and writes them as JSON (default: docs/benchmarks/fused_kernels_<gpu>.json).
 """
 
@@ -45,6 +48,9 @@ CHUNK_TOKENS = 4096
 HEADS = {"Qwen2.5 0.5B": (151_936, 896), "Pythia 0.5B": (50_304, 1024), "Mamba 0.5B": (50_304, 768)}
 HEAD_TOKENS = 32_768
 HEAD_CHUNKS = (4096, 8192, 16_384, 32_768)
+#: RWKV-7's recurrence at the plans' micro-batches: (sequences, heads) of 8192 tokens, head size 64.
+WKV_CASES = {"RWKV-7 0.5B, micro-batch 4": (4, 16), "RWKV-7 1.5B, micro-batch 1": (1, 32),
+             "RWKV-7 3B, micro-batch 1": (1, 40)}
 KERNEL_TILES = [(4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32)]
 
 
@@ -234,6 +240,55 @@ def bench_head_case(case: str, vocab: int, d_model: int, rounds: int, reps: int)
     return rows
 
 
+def bench_wkv(rounds: int, reps: int) -> list[dict]:
+    if importlib.util.find_spec("fla") is None:
+        print("wkv: flash-linear-attention is not installed, skipped")
+        return []
+    return [row for case, (batch, heads) in WKV_CASES.items() for row in bench_wkv_case(case, batch, heads, rounds,
+                                                                                          reps)]
+
+
+def bench_wkv_case(case: str, batch: int, heads: int, rounds: int, reps: int) -> list[dict]:
+    from rwkv.wkv7 import LOG_DECAY_LOWER_BOUND, fla_kernel_choice, wkv7_fla
+
+    fla_kernel_choice()  # the harness's pinned kernel table, for both candidates
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shape = (batch, 8192, heads, 64)
+    r, k, v, kk, iclr, decay = (torch.randn(shape, device="cuda", generator=generator) for _ in range(6))
+    kk = torch.nn.functional.normalize(kk, dim=-1)
+    inputs = [t.to(torch.bfloat16).requires_grad_() for t in (
+        r, LOG_DECAY_LOWER_BOUND * torch.sigmoid(decay), k, v, -kk, kk * torch.sigmoid(iclr))]
+    d_output = torch.randn(shape, device="cuda", generator=generator).to(torch.bfloat16)
+    candidates = {
+        "fla chunk_rwkv7 (recomputes)": lambda: chunk_rwkv7(*inputs, scale=1.0, safe_gate=True,
+                                                            lower_bound=LOG_DECAY_LOWER_BOUND)[0],
+        "harness ChunkWKV7 (keeps the chunk states)": lambda: wkv7_fla(*inputs)}
+    rows, reference = [], None
+    for candidate, forward in candidates.items():
+        def step(forward=forward):
+            for t in inputs:
+                t.grad = None
+            forward().backward(d_output)
+
+        step()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        output = forward()
+        facts = {"kept_for_backward_gb": (torch.cuda.memory_allocated() - before) / 1e9}
+        output.backward(d_output)
+        grads = [t.grad.clone() for t in inputs]
+        if reference is None:
+            reference = output.detach(), grads
+        facts["output_equal_to_fla"] = float(torch.equal(output, reference[0]))
+        facts["grad_rel_to_fla_max"] = max(float((g.float() - want.float()).norm() / want.float().norm())
+                                           for g, want in zip(grads, reference[1]))
+        del output
+        rows.append(record("wkv", case, candidate, [time_ms(step, reps) for _ in range(rounds)], facts))
+    return rows
+
+
 def record(part: str, case: str, candidate: str, times: list[float], error: dict) -> dict:
     row = {"part": part, "case": case, "candidate": candidate, "ms": [round(t, 4) for t in times],
            "ms_median": round(statistics.median(times), 4), **error}
@@ -246,8 +301,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="timings of every measurement, for the spread")
     parser.add_argument("--reps", type=int, default=20, help="calls per round")
-    parser.add_argument("--parts", default="loss,blocks,wgrad,head",
-                        help="comma-separated: loss, blocks, wgrad, head")
+    parser.add_argument("--parts", default="loss,blocks,wgrad,head,wkv",
+                        help="comma-separated: loss, blocks, wgrad, head, wkv")
     parser.add_argument("--output", type=Path, help="JSON file (default: docs/benchmarks/fused_kernels_<gpu>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -259,7 +314,8 @@ def main() -> int:
     rows = ((bench_loss(args.rounds, args.reps) if "loss" in parts else [])
             + (bench_blocks(args.rounds, max(args.reps // 4, 3)) if "blocks" in parts else [])
             + (bench_weight_gradients(args.rounds, args.reps) if "wgrad" in parts else [])
-            + (bench_heads(args.rounds, max(args.reps // 4, 3)) if "head" in parts else []))
+            + (bench_heads(args.rounds, max(args.reps // 4, 3)) if "head" in parts else [])
+            + (bench_wkv(args.rounds, args.reps) if "wkv" in parts else []))
     output = args.output or ROOT / "docs" / "benchmarks" / f"fused_kernels_{gpu.replace(' ', '_')}.json"
     write_json_atomic(output, {"device": gpu, "torch": torch.__version__, "rows": rows})
     print(f"wrote {output}")

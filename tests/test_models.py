@@ -422,6 +422,33 @@ def test_rwkv_fla_kernel_matches_reference_with_gradients():
         assert relative_error(got.grad, want.grad) < 5e-2
 
 
+@cuda
+@pytest.mark.gpu
+def test_rwkv_kernel_with_kept_chunk_states_matches_fla_recomputing_them():
+    """The same kernels on the same inputs: the backward's states, kept from the forward or recomputed by fla's
+    own chunk_rwkv7, must give the same output and gradients (a length that ends mid-chunk included)."""
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    from rwkv.wkv7 import LOG_DECAY_LOWER_BOUND, wkv7_fla
+
+    torch.manual_seed(4)
+    shape = (2, 1000, 4, 64)
+    r, k, v = (torch.randn(shape, device="cuda") for _ in range(3))
+    w = LOG_DECAY_LOWER_BOUND * torch.rand(shape, device="cuda")
+    kk = F.normalize(torch.randn(shape, device="cuda"), dim=-1)
+    iclr = torch.rand(shape, device="cuda")
+    ours = [t.to(torch.bfloat16).requires_grad_() for t in (r, w, k, v, -kk, kk * iclr)]
+    fla = [t.detach().clone().requires_grad_() for t in ours]
+    out = wkv7_fla(*ours)
+    want, _ = chunk_rwkv7(*fla, scale=1.0, safe_gate=True, lower_bound=LOG_DECAY_LOWER_BOUND)
+    assert torch.equal(out, want)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad)
+    for got, expected in zip(ours, fla):
+        assert relative_error(got.grad, expected.grad) < 1e-3
+
+
 def assert_kernel_matches_reference(make_mixer, length: int) -> None:
     """A mixer on its kernels under bf16 autocast against the same weights on the float32 reference path:
     outputs within 2 %, every parameter's gradient within 5 %."""
