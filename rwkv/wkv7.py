@@ -90,8 +90,8 @@ class ChunkWKV7(torch.autograd.Function):
         gi, ge = chunk_rwkv6_fwd_cumsum(log_decay, chunk, scale=RCP_LN2)
         A_ab, A_qk, A_ak, A_qb, qg, kg, ag, bg = chunk_A_fwd.chunk_dplr_fwd_intra(
             q=r, k=k, a=a, b=b, gi=gi, ge=ge, scale=1.0, chunk_size=chunk, safe_gate=True)
-        w, _, A_ab_inv = wy_fast_fwd.prepare_wy_repr_fwd(ag=ag, A_ab=A_ab, A_ak=A_ak, v=v, chunk_size=chunk,
-                                                         safe_gate=True)
+        w, _, A_ab_inv = wy_fast_fwd.prepare_wy_repr_fwd(ag=ag, A_ab=A_ab, A_ak=A_ak, v=v, cu_seqlens=None,
+                                                         chunk_size=chunk, safe_gate=True)
         del A_ab
         dv_new_intra, dA_qk, dA_qb = chunk_o_bwd.chunk_dplr_bwd_dAu(v=v, v_new=new_values, do=d_output, A_qb=A_qb,
                                                                    scale=1.0, chunk_size=chunk)
