@@ -431,7 +431,7 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(data_dir, tmp_path, capsy
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("family", "flags"), [
-    ("qwen", []), ("mamba2", ["--compile"]),
+    ("qwen", []), ("mamba2", ["--compile"]), ("pythia", ["--compile", "--attention", "cudnn"]),  # 0.5B's plan
     # as the 3B plans that replay graphs run: compiled, some blocks recomputed
     *[(family, ["--compile", "--activation_checkpointing", "--checkpoint_blocks", "1"])
       for family in ("qwen", "rwkv", "gated_deltanet")],
