@@ -398,19 +398,23 @@ def test_flops_per_token_counts_matmuls_and_mixing():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def wkv7_kernel_inputs(seed: int) -> list[torch.Tensor]:
+    """(r, w, k, v, a, b) as RWKV-7 makes them, bf16 leaves on the GPU: 1000 tokens, which end mid-chunk."""
+    torch.manual_seed(seed)
+    shape = (2, 1000, 4, 64)
+    r, k, v = (torch.randn(shape, device="cuda") for _ in range(3))
+    w = -math.exp(-0.5) * torch.rand(shape, device="cuda")
+    kk = F.normalize(torch.randn(shape, device="cuda"), dim=-1)
+    iclr = torch.rand(shape, device="cuda")
+    return [t.to(torch.bfloat16).requires_grad_() for t in (r, w, k, v, -kk, kk * iclr)]
+
+
 @cuda
 @pytest.mark.gpu
 def test_rwkv_fla_kernel_matches_reference_with_gradients():
     from rwkv.wkv7 import wkv7_fla
 
-    torch.manual_seed(3)
-    shape = (2, 1000, 4, 64)
-    device = "cuda"
-    r, k, v = (torch.randn(shape, device=device) for _ in range(3))
-    w = -math.exp(-0.5) * torch.rand(shape, device=device)
-    kk = F.normalize(torch.randn(shape, device=device), dim=-1)
-    iclr = torch.rand(shape, device=device)
-    inputs = [t.to(torch.bfloat16).requires_grad_() for t in (r, w, k, v, -kk, kk * iclr)]
+    inputs = wkv7_kernel_inputs(seed=3)
     reference = [t.detach().float().requires_grad_() for t in inputs]
     out = wkv7_fla(*inputs)
     ref, _ = wkv7_reference(*reference)
@@ -431,13 +435,7 @@ def test_rwkv_kernel_with_kept_chunk_states_matches_fla_recomputing_them():
 
     from rwkv.wkv7 import LOG_DECAY_LOWER_BOUND, wkv7_fla
 
-    torch.manual_seed(4)
-    shape = (2, 1000, 4, 64)
-    r, k, v = (torch.randn(shape, device="cuda") for _ in range(3))
-    w = LOG_DECAY_LOWER_BOUND * torch.rand(shape, device="cuda")
-    kk = F.normalize(torch.randn(shape, device="cuda"), dim=-1)
-    iclr = torch.rand(shape, device="cuda")
-    ours = [t.to(torch.bfloat16).requires_grad_() for t in (r, w, k, v, -kk, kk * iclr)]
+    ours = wkv7_kernel_inputs(seed=4)
     fla = [t.detach().clone().requires_grad_() for t in ours]
     out = wkv7_fla(*ours)
     want, _ = chunk_rwkv7(*fla, scale=1.0, safe_gate=True, lower_bound=LOG_DECAY_LOWER_BOUND)
