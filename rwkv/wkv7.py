@@ -57,7 +57,8 @@ class ChunkWKV7(torch.autograd.Function):
     recomputes every intermediate of the forward, and the state pass, one kernel walking the chunks in turn, is
     the most costly of them; its two results take as much memory as two of the block's bf16 activations. The
     rest (cumulative decays, in-chunk matrices, WY form) is recomputed as fla does. The same arithmetic as
-    ``chunk_rwkv7``; 8.6-13 % faster at the plans' shapes (docs/performance.md, change 50).
+    ``chunk_rwkv7``; 8.6-13 % faster at the plans' shapes (docs/performance.md, change 50). It calls fla's
+    internal functions as fla 0.6.0 defines them, the version it was tested with.
     r, log_decay, k, v, a, b: (B, T, H, K), one dtype."""
 
     @staticmethod
