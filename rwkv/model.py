@@ -8,12 +8,22 @@ float32 reference in ``wkv7.py`` on CPU.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rwkv.wkv7 import FLA_PATH, REFERENCE_PATH, fla_available, fla_kernel_choice, wkv7_fla, wkv7_reference
+from rwkv.wkv7 import (
+    CHUNK_STATES_FLA_VERSION,
+    REFERENCE_PATH,
+    fla_available,
+    fla_kernel_choice,
+    fla_path,
+    keeps_chunk_states,
+    wkv7_fla,
+    wkv7_reference,
+)
 from training_harness.lm import CausalLM, tag_no_weight_decay
 from training_harness.registry import ModelFamily, StockReference
 
@@ -32,7 +42,7 @@ SHAPES = {
     },
     "tiny": {size: dict(layers=2, d_model=128) for size in _PAPER},
 }
-INSTALL_HINT = ("pip install --no-build-isolation 'flash-linear-attention>=0.3' (see README, GPU install), "
+INSTALL_HINT = ("pip install --no-build-isolation 'flash-linear-attention>=0.6' (see README, GPU install), "
                 "or pass --allow_slow_kernels to time the slow reference path knowingly")
 
 
@@ -223,9 +233,14 @@ def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bo
     fused = device_type == "cuda" and fla_available()
     if device_type == "cuda" and not fused and not allow_slow_kernels:
         raise RuntimeError(f"RWKV-7 on CUDA needs flash-linear-attention, which is not importable: {INSTALL_HINT}")
+    if fused and not keeps_chunk_states():
+        warnings.warn(f"RWKV-7 keeps its chunk states for the backward only with flash-linear-attention "
+                      f"{CHUNK_STATES_FLA_VERSION}; with this release it runs fla's chunk_rwkv7, about 10 % slower in "
+                      f"its recurrence (docs/performance.md, change 50). pip install "
+                      f"flash-linear-attention=={CHUNK_STATES_FLA_VERSION} for the measured speed", stacklevel=2)
     backbone = RWKV7Backbone(shape["layers"], shape["d_model"], vocab_size, fused)
     model = CausalLM(backbone, vocab_size, shape["d_model"], tie_embeddings=False,
-                     kernel_path=f"{FLA_PATH}, {fla_kernel_choice()}" if fused else REFERENCE_PATH,
+                     kernel_path=f"{fla_path()}, {fla_kernel_choice()}" if fused else REFERENCE_PATH,
                      head_init_std=None)
     # The official head init: orthogonal, gain 0.5 * sqrt(V / C).
     nn.init.orthogonal_(model.lm_head.weight, gain=0.5 * math.sqrt(max(1.0, vocab_size / shape["d_model"])))

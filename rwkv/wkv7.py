@@ -16,7 +16,10 @@ import torch
 
 from training_harness.kernel_pins import kernel_choice
 
-FLA_PATH = "flash-linear-attention's chunked DPLR kernels (Triton), chunk states kept for the backward"
+FLA_PATH = "flash-linear-attention's chunked DPLR kernels (Triton)"
+#: The fla release whose internal functions ``ChunkWKV7`` calls. With any other, RWKV-7 runs fla's public
+#: ``chunk_rwkv7``: the same kernels, the chunk states recomputed in the backward.
+CHUNK_STATES_FLA_VERSION = "0.6.0"
 REFERENCE_PATH = "PyTorch reference WKV-7 recurrence (slow)"
 #: RWKV-7 bounds the log decay to [-exp(-0.5), 0), which lets fla's kernels use tensor cores on 64-token chunks.
 LOG_DECAY_LOWER_BOUND = -0.6065306597126334
@@ -29,6 +32,22 @@ def fla_kernel_choice() -> str | None:
 
 def fla_available() -> bool:
     return fla_kernel_choice() is not None
+
+
+def keeps_chunk_states() -> bool:
+    """Whether the installed fla is the release ``ChunkWKV7`` was written against (fla must be importable)."""
+    import fla
+
+    return fla.__version__ == CHUNK_STATES_FLA_VERSION
+
+
+def fla_path() -> str:
+    """The kernel path that ``wkv7_fla`` runs with the installed fla, for the results' ``kernel_path``."""
+    import fla
+
+    if keeps_chunk_states():
+        return f"{FLA_PATH}, chunk states kept for the backward"
+    return f"{FLA_PATH}, fla {fla.__version__}'s chunk_rwkv7 (chunk states recomputed in the backward)"
 
 
 @torch.compiler.disable  # a Python loop over tokens: tracing it would unroll the sequence
@@ -58,7 +77,8 @@ class ChunkWKV7(torch.autograd.Function):
     the most costly of them; its two results take as much memory as two of the block's bf16 activations. The
     rest (cumulative decays, in-chunk matrices, WY form) is recomputed as fla does. The same arithmetic as
     ``chunk_rwkv7``; 8.6-13 % faster at the plans' shapes (docs/performance.md, change 50). It calls fla's
-    internal functions as fla 0.6.0 defines them, the version it was tested with.
+    internal functions as fla 0.6.0 defines them (``CHUNK_STATES_FLA_VERSION``); ``wkv7_fla`` uses it with that
+    release only.
     r, log_decay, k, v, a, b: (B, T, H, K), one dtype."""
 
     @staticmethod
@@ -66,9 +86,10 @@ class ChunkWKV7(torch.autograd.Function):
         from fla.ops.generalized_delta_rule.dplr.chunk import chunk_dplr_fwd
 
         r, log_decay, k, v, a, b = (t.contiguous() for t in (r, log_decay, k, v, a, b))
+        ctx.chunk_size = _chunk_size()
         output, _, _, intermediates = chunk_dplr_fwd(
             q=r, k=k, v=v, a=a, b=b, gk=log_decay, scale=1.0, initial_state=None, output_final_state=False,
-            chunk_size=_chunk_size(), safe_gate=True, disable_recompute=True)
+            chunk_size=ctx.chunk_size, safe_gate=True, disable_recompute=True)
         *_, states, new_values, _ = intermediates  # ..., h, v_new, A_ab_inv
         ctx.save_for_backward(r, log_decay, k, v, a, b, states, new_values)
         return output.to(r.dtype)
@@ -87,7 +108,7 @@ class ChunkWKV7(torch.autograd.Function):
         from fla.ops.utils.constant import RCP_LN2
 
         r, log_decay, k, v, a, b, states, new_values = ctx.saved_tensors
-        d_output, chunk = d_output.contiguous(), _chunk_size()
+        d_output, chunk = d_output.contiguous(), ctx.chunk_size
         gi, ge = chunk_rwkv6_fwd_cumsum(log_decay, chunk, scale=RCP_LN2)
         A_ab, A_qk, A_ak, A_qb, qg, kg, ag, bg = chunk_A_fwd.chunk_dplr_fwd_intra(
             q=r, k=k, a=a, b=b, gi=gi, ge=ge, scale=1.0, chunk_size=chunk, safe_gate=True)
@@ -122,4 +143,9 @@ def _chunk_size() -> int:
 def wkv7_fla(r, w, k, v, a, b):
     """The chunked Triton kernels; same arguments and result as ``wkv7_reference`` (without the state)."""
     fla_kernel_choice()  # the first import of fla pins its kernel configurations
-    return ChunkWKV7.apply(r, w, k, v, a, b)
+    if keeps_chunk_states():
+        return ChunkWKV7.apply(r, w, k, v, a, b)
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    output, _ = chunk_rwkv7(r, w, k, v, a, b, scale=1.0, safe_gate=True, lower_bound=LOG_DECAY_LOWER_BOUND)
+    return output

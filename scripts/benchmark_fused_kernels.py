@@ -249,7 +249,7 @@ def bench_wkv(rounds: int, reps: int) -> list[dict]:
 
 
 def bench_wkv_case(case: str, batch: int, heads: int, rounds: int, reps: int) -> list[dict]:
-    from rwkv.wkv7 import LOG_DECAY_LOWER_BOUND, fla_kernel_choice, wkv7_fla
+    from rwkv.wkv7 import LOG_DECAY_LOWER_BOUND, fla_kernel_choice, fla_path, keeps_chunk_states, wkv7_fla
 
     fla_kernel_choice()  # the harness's pinned kernel table, for both candidates
     from fla.ops.rwkv7 import chunk_rwkv7
@@ -264,7 +264,8 @@ def bench_wkv_case(case: str, batch: int, heads: int, rounds: int, reps: int) ->
     candidates = {
         "fla chunk_rwkv7 (recomputes)": lambda: chunk_rwkv7(*inputs, scale=1.0, safe_gate=True,
                                                             lower_bound=LOG_DECAY_LOWER_BOUND)[0],
-        "harness ChunkWKV7 (keeps the chunk states)": lambda: wkv7_fla(*inputs)}
+        ("harness ChunkWKV7 (keeps the chunk states)" if keeps_chunk_states()
+         else f"harness wkv7_fla: {fla_path()}"): lambda: wkv7_fla(*inputs)}
     rows, reference = [], None
     for candidate, forward in candidates.items():
         def step(forward=forward):

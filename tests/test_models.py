@@ -17,6 +17,7 @@ import gated_deltanet.short_conv as short_conv_module
 import mamba.model as mamba_model
 import mamba2.model as mamba2_model
 import rwkv.model as rwkv_model
+import rwkv.wkv7 as wkv7
 from gated_deltanet.delta_rule import gated_delta_rule_reference
 from gated_deltanet.short_conv import short_conv_fla, short_conv_reference
 from mamba2.ssd import ssd_scan
@@ -300,6 +301,15 @@ def test_cuda_without_fused_kernels_refuses(monkeypatch):
         rwkv_model.build(rwkv_model.SHAPES["tiny"]["0.5B"], VOCAB, "cuda", allow_slow_kernels=False)
 
 
+@pytest.mark.parametrize("version, kept", [("0.6.0", True), ("0.6.1", False), ("0.7.0", False)])
+def test_rwkv_keeps_chunk_states_only_with_the_fla_release_whose_internals_it_calls(monkeypatch, version, kept):
+    monkeypatch.setitem(sys.modules, "fla", types.SimpleNamespace(__version__=version))
+    assert wkv7.keeps_chunk_states() is kept
+    path = wkv7.fla_path()
+    assert ("chunk states kept for the backward" in path) is kept
+    assert (f"fla {version}'s chunk_rwkv7" in path) is not kept
+
+
 def fake_fla(monkeypatch, hopper: bool, triton_version: str, tilelang: bool) -> None:
     """fla's version flags and triton's version as fla 0.6 computes them, and whether tilelang is installed."""
     below = triton_version.split(".") < ["3", "7", "1"]
@@ -435,6 +445,8 @@ def test_rwkv_kernel_with_kept_chunk_states_matches_fla_recomputing_them():
 
     from rwkv.wkv7 import LOG_DECAY_LOWER_BOUND, wkv7_fla
 
+    if not wkv7.keeps_chunk_states():
+        pytest.skip(f"ChunkWKV7 runs with flash-linear-attention {wkv7.CHUNK_STATES_FLA_VERSION} only")
     ours = wkv7_kernel_inputs(seed=4)
     fla = [t.detach().clone().requires_grad_() for t in ours]
     out = wkv7_fla(*ours)
@@ -445,6 +457,34 @@ def test_rwkv_kernel_with_kept_chunk_states_matches_fla_recomputing_them():
     want.backward(grad)
     for got, expected in zip(ours, fla):
         assert relative_error(got.grad, expected.grad) < 1e-3
+
+
+@cuda
+@pytest.mark.gpu
+def test_rwkv_runs_fla_chunk_rwkv7_with_another_fla_release(monkeypatch):
+    """With an fla release other than the one ChunkWKV7 was written against, the model warns, names fla's
+    chunk_rwkv7 in its kernel path, and runs it: its output and gradients, not ChunkWKV7's."""
+    import fla
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    def refuse(*inputs):
+        raise AssertionError("ChunkWKV7 ran with an fla release it was not written against")
+
+    monkeypatch.setattr(fla, "__version__", "0.7.0")
+    monkeypatch.setattr(wkv7.ChunkWKV7, "apply", refuse)
+    with pytest.warns(UserWarning, match="runs fla's chunk_rwkv7"):
+        model = rwkv_model.build(rwkv_model.SHAPES["tiny"]["0.5B"], VOCAB, "cuda", allow_slow_kernels=False)
+    assert "fla 0.7.0's chunk_rwkv7" in model.kernel_path
+    ours = wkv7_kernel_inputs(seed=5)
+    theirs = [t.detach().clone().requires_grad_() for t in ours]
+    out = wkv7.wkv7_fla(*ours)
+    want, _ = chunk_rwkv7(*theirs, scale=1.0, safe_gate=True, lower_bound=wkv7.LOG_DECAY_LOWER_BOUND)
+    assert torch.equal(out, want)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad)
+    for got, expected in zip(ours, theirs):
+        assert torch.equal(got.grad, expected.grad)
 
 
 def assert_kernel_matches_reference(make_mixer, length: int) -> None:
