@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training_harness import kernel_pins
+from training_harness import kernel_pins, run_description
 from training_harness.registry import get_family
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +147,19 @@ def test_a_library_imported_before_pinning_is_left_as_it_was(monkeypatch):
         "autotuned (fla was imported before pinning)"
     with pytest.raises(ValueError, match="names no pinned_kernels"):
         kernel_pins.kernel_choice("qwen")
+
+
+def test_a_run_records_library_versions_without_importing_them(tmp_path, monkeypatch):
+    """A run records each kernel library's version; importing fla for it would come before RWKV-7's pinning in
+    a later run of the same process (the GPU tests run several families in one), which then autotunes."""
+    (tmp_path / "probe_kernels").mkdir()
+    (tmp_path / "probe_kernels" / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    metadata = tmp_path / "probe_kernels-1.2.3.dist-info"
+    metadata.mkdir()
+    (metadata / "METADATA").write_text("Metadata-Version: 2.1\nName: probe-kernels\nVersion: 1.2.3\n")
+    (metadata / "top_level.txt").write_text("probe_kernels\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(run_description, "KERNEL_LIBRARIES", ("probe_kernels", "not_installed_kernels"))
+    found = run_description.versions()
+    assert found["probe_kernels"] == "1.2.3" and found["not_installed_kernels"] is None
+    assert "probe_kernels" not in sys.modules

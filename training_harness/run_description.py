@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -66,18 +67,30 @@ class RunDescription:
             attention=self.config["attention"], cuda_graphs=self.config.get("cuda_graphs"))
 
 
+#: The kernel libraries whose versions a run records. Read from what is installed, never imported here: a
+#: family pins its library's kernels at that library's first import (training_harness.kernel_pins), and fla
+#: imported first would leave RWKV-7's kernels autotuning for minutes in a later run of the same process.
+KERNEL_LIBRARIES = ("transformers", "mamba_ssm", "causal_conv1d", "fla", "triton")
+
+
 def versions() -> dict:
-    """Python, torch, CUDA and its allocator's settings, the platform and each kernel library that is importable
-    here."""
+    """Python, torch, CUDA and its allocator's settings, the platform and each installed kernel library's version
+    (None where it is not installed)."""
     found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
              "cuda_allocator": allocator_settings(), "platform": platform.platform()}
-    for package in ("transformers", "mamba_ssm", "causal_conv1d", "fla", "triton"):
-        module = sys.modules.get(package)
-        if module is None:
-            with contextlib.suppress(ImportError):
-                module = __import__(package)
-        found[package] = getattr(module, "__version__", None) if module else None
+    providers = importlib.metadata.packages_distributions()  # import name -> the distributions that install it
+    for module in KERNEL_LIBRARIES:
+        found[module] = _installed_version(module, providers.get(module, []))
     return found
+
+
+def _installed_version(module: str, distributions: list[str]) -> str | None:
+    if module in sys.modules:
+        return getattr(sys.modules[module], "__version__", None)
+    for distribution in distributions:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(distribution)
+    return None
 
 
 #: For code copied without its .git folder (a cluster's rsync, a container): the commit it was copied from.
