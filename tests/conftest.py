@@ -3,9 +3,9 @@
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
+from processes import processes_naming
 
 from training_harness.prepare_data import PrepareConfig, prepare
 from training_harness.tokenization import default_corpus_path, train_byte_level_tokenizer
@@ -45,9 +45,8 @@ def stop_runs_left_under():
     killed or failed to signal, and would train on, or wait for a peer, long after the test."""
     folders = []
     yield folders.append
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for pid in {pid for folder in folders for pid in processes_naming(folder)}:
         try:
-            if any(str(folder).encode() in cmdline.read_bytes() for folder in folders):
-                os.kill(int(cmdline.parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
             pass  # gone meanwhile

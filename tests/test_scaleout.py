@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from processes import abort_with_stacks
+
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "scripts" / "run_all_attention_free_experiments.sh"
 STEPS = 5
@@ -36,8 +38,9 @@ def experiment_of_one(tmp_path: Path, data_dir: str) -> Path:
 
 
 def environment(experiment: Path, **extra: str) -> dict:
+    """The drivers' environment; Python prints every thread's stack on SIGABRT (``finish`` past its deadline)."""
     return {**os.environ, "EXPERIMENT_DIR": str(experiment), "PYTHON": sys.executable, "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()), **extra}
+            "MASTER_PORT": str(free_port()), "PYTHONFAULTHANDLER": "1", **extra}
 
 
 def assert_one_result_for_both_nodes(experiment: Path) -> None:
@@ -48,13 +51,18 @@ def assert_one_result_for_both_nodes(experiment: Path) -> None:
     assert (experiment / "logs" / "pythia_0.5B.node1.log").exists()  # node 1 logs beside node 0, not into its log
 
 
-def finish(node: subprocess.Popen, deadline: float) -> str:
-    """The node's output once it exits; stopped (and said so) past the deadline."""
+def finish(node: subprocess.Popen, deadline: float, experiment: Path) -> str:
+    """The node's output once it exits; past the deadline, stopped, with where the experiment's processes waited
+    (their stacks go to the runs' logs, which follow)."""
     try:
         return node.communicate(timeout=max(deadline - time.monotonic(), 1))[0]
     except subprocess.TimeoutExpired:
+        waiting = abort_with_stacks(experiment)
+        time.sleep(2)  # for their stacks to reach the logs
         node.kill()
-        return node.communicate()[0] + "\n[stopped at the test's deadline]"
+        logs = "".join(f"\n--- {log.name} ---\n{log.read_text(errors='replace')[-6000:]}"
+                       for log in sorted((experiment / "logs").glob("*.log")))
+        return node.communicate()[0] + f"\n[stopped at the test's deadline; its processes then:]\n{waiting}{logs}"
 
 
 def run_two_nodes(tmp_path: Path, data_dir: str, timeout_s: float = 300,
@@ -69,11 +77,11 @@ def run_two_nodes(tmp_path: Path, data_dir: str, timeout_s: float = 300,
                                   stderr=subprocess.STDOUT, text=True, env={**env, "NODE_RANK": str(rank)})
                  for rank in (0, 1)]
         deadline = time.monotonic() + timeout_s
-        first = finish(nodes[0], deadline)
+        first = finish(nodes[0], deadline, experiment)
         if "address already in use" in first.lower() and attempt + 1 < attempts:
-            finish(nodes[1], time.monotonic())
+            finish(nodes[1], time.monotonic(), experiment)
             continue
-        outputs = [first, finish(nodes[1], deadline)]
+        outputs = [first, finish(nodes[1], deadline, experiment)]
         return experiment, [node.returncode for node in nodes], outputs
 
 

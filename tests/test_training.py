@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import abort_with_stacks
 
 from training_harness import distributed, kernel_warmup, lm, profiling
 from training_harness import trainer as trainer_module
@@ -69,12 +70,29 @@ def run_in_process(data_dir, output, *extra):
     return main("qwen", ["--data_path", data_dir, "--output_dir", str(output), *TINY, *extra])
 
 
+TWO_PROCESS_DEADLINE_S = 300
+
+
 def run_two_processes(family: str, data_dir, output, *extra, env=None) -> subprocess.CompletedProcess:
-    """The family's training script under torchrun, two processes on the CPU with tiny shapes."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / family / f"train_{family}_fineweb.py"), "--data_path", data_dir,
-                           "--output_dir", str(output), *TINY, *extra],
-                          capture_output=True, text=True, timeout=300, env=env)
+    """The family's training script under torchrun, two processes on the CPU with tiny shapes. Past the deadline
+    the test fails with where torchrun and its workers waited: their states and every Python thread's stack."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / family / f"train_{family}_fineweb.py"), "--data_path", data_dir, "--output_dir", str(output),
+               *TINY, *extra]
+    env = {**(env or os.environ), "PYTHONFAULTHANDLER": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=TWO_PROCESS_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            waiting = abort_with_stacks(output)
+            try:
+                stdout, stderr = run.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                stdout, stderr = run.communicate()
+            pytest.fail(f"torchrun ran past {TWO_PROCESS_DEADLINE_S} s; its processes then:\n{waiting}\n"
+                        f"its stderr, with their stacks:\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
 
 
 def test_the_first_step_says_what_it_spent_compiling_triton_kernels(data_dir, tmp_path, monkeypatch, capsys):
