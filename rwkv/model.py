@@ -272,9 +272,9 @@ def stock_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 FAMILY = ModelFamily(
     name="rwkv", display_name="RWKV-7", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=wkv_flops_per_token,
-    # device peaks 75, 78 and 79 GB on an H200 (docs/performance.md; 1.5B and 3B measured before change 50, whose
-    # kept chunk states predict 2.1 and 0.7 GB more); replaying each step as a CUDA graph, without the host's gaps
-    # between launches, gave 1.5 %, 2-3 % and 13 % more tokens/s
+    # device peaks 75.3, 79.7 and 78.9 GB on an H200 with change 50's kept chunk states (docs/performance.md);
+    # replaying each step as a CUDA graph, without the host's gaps between launches, gave 1.5 %, 2-3 % and 13 %
+    # more tokens/s
     gpu_plan={"0.5B": {"micro_batch_size": 4, "cuda_graphs": True},
               "1.5B": {"micro_batch_size": 1, "cuda_graphs": True},
               "3B": {"micro_batch_size": 1, "activation_checkpointing": True, "checkpoint_blocks": 32,
