@@ -494,6 +494,16 @@ def test_compiled_rwkv_regions_run_cold_and_from_a_warm_compile_cache(data_dir, 
         assert losses(tmp_path / cache) == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
 
 
+def test_compiled_runs_in_one_process_each_compile_their_own_regions(data_dir, tmp_path):
+    """Frames compiled by an earlier run in the process do not count against the next run's recompile limit:
+    RWKV-7's two fullgraph regions compile four variants a run (first block or not, training or evaluation),
+    and bf16 working weights four others, which would fail past a limit of four."""
+    common = ["--data_path", data_dir, *TINY, "--max_steps", "1", "--compile"]
+    with torch._dynamo.config.patch(recompile_limit=4):
+        assert main("rwkv", [*common, "--output_dir", str(tmp_path / "master")]) == 0
+        assert main("rwkv", [*common, "--output_dir", str(tmp_path / "working"), "--working_weights"]) == 0
+
+
 def test_compiled_run_never_pickles_into_the_autograd_cache(data_dir, tmp_path, monkeypatch):
     """Saving a compiled backward to AOTAutograd's cache intermittently died with SIGSEGV inside pickle.dumps
     on a first (empty-cache) run; the harness turns that cache off, so nothing may be saved to it."""

@@ -228,6 +228,10 @@ class Trainer:
             data=self._data_facts(data_dir), versions=versions(), git=git_state(), config=config.to_dict())
         self._banner()
         if config.compile:
+            # A run's regions recompile for its own dtypes and flags; frames kept from an earlier run in this
+            # process would count against dynamo's recompile limit, past which fullgraph regions fail and
+            # the others silently run eagerly.
+            torch._dynamo.reset()
             model.compile_regions()
         if config.activation_checkpointing:
             recompute_blocks(model, checkpointed_blocks(model.blocks, config), config.cuda_graphs)
