@@ -45,7 +45,8 @@ def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bo
 FAMILY = ModelFamily(
     name="pythia", display_name="Pythia", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=attention_flops_per_token,
-    gpu_plan={"0.5B": {"micro_batch_size": 4, "attention": "cudnn"}, "1.5B": {"micro_batch_size": 2},
+    gpu_plan={"0.5B": {"micro_batch_size": 4, "attention": "cudnn", "cuda_graphs": True},  # change 51
+              "1.5B": {"micro_batch_size": 2},
               # device peak 76.9 GB on an H200 with expandable segments (docs/performance.md, change 25)
               "3B": {"micro_batch_size": 1, "activation_checkpointing": True, "checkpoint_blocks": 3}},
     published_ranks={"ppl": 4, "amu_gb": 3, "al_s_per_iter": 3, "tt_tokens_per_param_s": 3, "aec_w": 3},
