@@ -230,8 +230,8 @@ class Trainer:
         if config.compile:
             # A run's regions recompile for its own dtypes and flags; frames kept from an earlier run in this
             # process would count against dynamo's recompile limit, past which fullgraph regions fail and
-            # the others silently run eagerly.
-            torch._dynamo.reset()
+            # the others silently run eagerly. Only the frames: a caller's dynamo callbacks stay.
+            torch._dynamo.reset_code_caches()
             model.compile_regions()
         if config.activation_checkpointing:
             recompute_blocks(model, checkpointed_blocks(model.blocks, config), config.cuda_graphs)
