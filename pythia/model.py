@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
 
-from qwen.model import attention_flops_per_token, transformers_loss
+from qwen.model import SDPA_PATH, attention_flops_per_token, transformers_loss
 from training_harness.lm import CausalLM, TransformersBackbone
 from training_harness.registry import ModelFamily, StockReference
 
@@ -38,7 +38,7 @@ def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bo
     config = hf_config(shape, vocab_size)
     # Pythia's output head is separate from the input embedding, initialised like its other linears.
     return CausalLM(TransformersBackbone(GPTNeoXModel(config)), vocab_size, shape["d_model"], tie_embeddings=False,
-                    kernel_path="torch SDPA (flash/efficient attention on CUDA)",
+                    kernel_path=SDPA_PATH,
                     head_init_std=config.initializer_range)
 
 

@@ -18,6 +18,8 @@ SHAPES = {
     "matched": _PAPER,  # already within 10 % of nominal: 494M, 1.54B, 3.09B
     "tiny": {size: dict(layers=2, d_model=64, heads=4, kv_heads=2, ffn=128) for size in _PAPER},
 }
+#: The attention kernel is the run's ``--attention`` (recorded beside this); auto leaves the choice to PyTorch.
+SDPA_PATH = "torch SDPA (the kernel --attention picks)"
 
 
 def hf_config(shape: dict, vocab_size: int) -> Qwen2Config:
@@ -32,7 +34,7 @@ def hf_config(shape: dict, vocab_size: int) -> Qwen2Config:
 
 def build(shape: dict, vocab_size: int, device_type: str, allow_slow_kernels: bool) -> CausalLM:
     return CausalLM(TransformersBackbone(Qwen2Model(hf_config(shape, vocab_size))), vocab_size, shape["d_model"],
-                    tie_embeddings=True, kernel_path="torch SDPA (flash/efficient attention on CUDA)")
+                    tie_embeddings=True, kernel_path=SDPA_PATH)
 
 
 def attention_flops_per_token(shape: dict, seq_len: int) -> float:
