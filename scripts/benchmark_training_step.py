@@ -13,7 +13,8 @@ compares equal micro-batches and equal tokens per optimizer step; where the stoc
 80 GB card holds at that micro-batch, it is also timed at the largest (halving) that fits, for
 ``speedup_vs_stock_fitting``. --rounds repeats the whole sequence, so every figure has a spread.
 first_step_compile_s is the part of the first step the training process spent compiling Triton kernels (the
-libraries'; inductor compiles in its workers); kernel_warmup_wait_s, how long it waited for the helper that
+libraries'; inductor compiles in its workers), first_step_compiled_kernels those seconds by kernel name (in the
+JSON rows); kernel_warmup_wait_s, how long it waited for the helper that
 compiles them beside the first step (training_harness/kernel_warmup.py; a variant with ``--no-kernel_warmup``
 times a run without it). Every row keeps its steps' losses and seconds, the UTC time its process started, and
 its energy per token, mean power and mean SM clock over the timed steps: at a GPU's power cap the clock, and
@@ -83,6 +84,7 @@ def run_one(family: str, size: str, variant: str, flags: str, args, work: Path) 
                s_per_iter=metrics.get("al_s_per_iter"), peak_alloc_gb=metrics.get("allocator_peak_allocated_gb"),
                peak_device_gb=metrics.get("peak_memory_gb"),
                first_step_s=first.get("step_s"), first_step_compile_s=first.get("triton_compile_s"),
+               first_step_compiled_kernels=first.get("triton_compiled_kernels"),
                kernel_warmup_wait_s=first.get("kernel_warmup_wait_s"),
                kernel_warmup_error=first.get("kernel_warmup_error"),
                kernel_path=metrics.get("kernel_path"), device=metrics.get("device_name"),

@@ -29,8 +29,8 @@ def fake_triton(monkeypatch, listener=None) -> types.SimpleNamespace:
     return compilation
 
 
-def compile_event(compilation, microseconds: int, cache_hit: bool = False) -> None:
-    compilation.listener(src=None, metadata={"name": "kernel"}, metadata_group={},
+def compile_event(compilation, name: str, microseconds: int, cache_hit: bool = False) -> None:
+    compilation.listener(src=None, metadata={"name": name}, metadata_group={},
                          times=types.SimpleNamespace(total=microseconds), cache_hit=cache_hit)
 
 
@@ -39,11 +39,13 @@ def test_counts_compilations_not_cache_hits_and_gives_the_listener_back(monkeypa
     previous = lambda **event: heard.append(event["cache_hit"])  # noqa: E731
     compilation = fake_triton(monkeypatch, previous)
     log = TritonCompileLog().start()
-    compile_event(compilation, 2_500_000)
-    compile_event(compilation, 1_000_000, cache_hit=True)  # loaded from the disk cache: nothing compiled
-    compile_event(compilation, 500_000)
-    assert log.stop() == {"triton_compilations": 2, "triton_compile_s": 3.0}
-    assert heard == [False, True, False]  # a listener set before still heard everything
+    compile_event(compilation, "chunk_h", 500_000)
+    compile_event(compilation, "chunk_o", 1_000_000, cache_hit=True)  # loaded from the disk cache
+    compile_event(compilation, "chunk_o", 2_000_000)
+    compile_event(compilation, "chunk_h", 250_000)  # another specialization of the same kernel
+    assert log.stop() == {"triton_compilations": 3, "triton_compile_s": 2.75,
+                          "triton_compiled_kernels": {"chunk_o": 2.0, "chunk_h": 0.75}}
+    assert heard == [False, True, False, False]  # a listener set before still heard everything
     assert compilation.listener is previous
     assert log.stop() == {}
 

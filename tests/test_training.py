@@ -20,6 +20,7 @@ from training_harness import trainer as trainer_module
 from training_harness.cli import main
 from training_harness.config import TrainConfig, parse_config
 from training_harness.errors import EXIT_INTERRUPTED, EXIT_NAN, EXIT_OOM, ConfigError
+from training_harness.run_log import LOG_FILE, RunLog, read_log
 from training_harness.trainer import checkpointed_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_the_first_step_says_what_it_spent_compiling_triton_kernels(data_dir, tm
 
     def compiling_step(self):
         if self.step == 0:
-            compilation.listener(src=None, metadata={}, metadata_group={},
+            compilation.listener(src=None, metadata={"name": "chunk_h"}, metadata_group={},
                                  times=types.SimpleNamespace(total=2_500_000), cache_hit=False)
         return train_step(self)
 
@@ -114,9 +115,26 @@ def test_the_first_step_says_what_it_spent_compiling_triton_kernels(data_dir, tm
     records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert (steps[0]["triton_compilations"], steps[0]["triton_compile_s"]) == (1, 2.5)
+    assert steps[0]["triton_compiled_kernels"] == {"chunk_h": 2.5}
     assert all("triton_compilations" not in r for r in steps[1:])
     assert "2.5 s of it compiling Triton kernels in this process: 1" in capsys.readouterr().err
     assert compilation.listener is None
+
+
+def test_a_step_record_keeps_its_text_in_the_log_and_gives_tensorboard_its_numbers(tmp_path):
+    """A first step whose kernel warm-up helper failed records why, as text: TensorBoard takes numbers only,
+    and the text must not stop the run at its first step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = RunLog(tmp_path, "run", is_main=True)
+    log.open(first_step=0, total_steps=1)
+    record = {"step": 1, "loss": 2.5, "step_s": 0.5, "tokens_per_s": 100.0,
+              "kernel_warmup_error": "exit 1: ValueError (see kernel_warmup.log)"}
+    log.step(record, {"power_w": 300.0})
+    log.close()
+    assert read_log(tmp_path / LOG_FILE) == [record]
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert sorted(events.Tags()["scalars"]) == ["device/power_w", "train/loss", "train/step_s", "train/tokens_per_s"]
 
 
 def test_the_first_steps_objects_are_frozen_out_of_the_collectors_passes_until_the_end(data_dir, tmp_path,

@@ -142,11 +142,13 @@ class TritonCompileLog:
     """The Triton kernels compiled in this process and their compile seconds, heard through Triton's
     compilation listener (``triton.knobs.compilation.listener``). Library kernels (fla, mamba-ssm) compile here
     at their first launch, one after another, which is what makes a cold first step slow; inductor compiles
-    its regions in worker processes, not counted. Without Triton, or a Triton without the listener, it hears
-    nothing and ``stop()`` says so with an empty dict."""
+    its regions in worker processes. The seconds per kernel name say which kernels a cold first step compiled
+    itself (those a warm-up helper was meant to leave in the disk cache, or others). Without Triton, or a
+    Triton without the listener, it hears nothing and ``stop()`` says so with an empty dict."""
 
     def __init__(self) -> None:
         self.kernels, self.seconds = 0, 0.0
+        self.seconds_by_name: dict[str, float] = {}
         self._compilation = self._previous = None
 
     def start(self) -> TritonCompileLog:
@@ -161,14 +163,19 @@ class TritonCompileLog:
         if self._previous is not None:  # a listener set before ours still hears everything
             self._previous(times=times, cache_hit=cache_hit, **details)
         if not cache_hit:
+            seconds = times.total / 1e6  # microseconds
+            name = (details.get("metadata") or {}).get("name", "unnamed")
             self.kernels += 1
-            self.seconds += times.total / 1e6  # microseconds
+            self.seconds += seconds
+            self.seconds_by_name[name] = self.seconds_by_name.get(name, 0.0) + seconds
 
     def stop(self) -> dict:
-        """{"triton_compilations": N, "triton_compile_s": S} since ``start()``, or {} where nothing listened.
-        Gives the listener back; later calls return {}."""
+        """{"triton_compilations": N, "triton_compile_s": S, "triton_compiled_kernels": {name: seconds, longest
+        first}} since ``start()``, or {} where nothing listened. Gives the listener back; later calls return {}."""
         if self._compilation is None:
             return {}
         self._compilation.listener = self._previous
         self._compilation = None
-        return {"triton_compilations": self.kernels, "triton_compile_s": self.seconds}
+        by_time = sorted(self.seconds_by_name.items(), key=lambda item: -item[1])
+        return {"triton_compilations": self.kernels, "triton_compile_s": self.seconds,
+                "triton_compiled_kernels": {name: round(seconds, 3) for name, seconds in by_time}}

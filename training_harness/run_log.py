@@ -66,14 +66,15 @@ class RunLog:
 
     def step(self, record: dict, device_readings: dict[str, float]) -> None:
         """One optimizer step: step, loss, lr, grad_norm, step_s, tokens_per_s (the first step of a process also
-        triton_compilations and triton_compile_s, where Triton can say, and kernel_warmup_wait_s or
-        kernel_warmup_error where a helper compiled library kernels); the device's latest readings."""
+        triton_compilations, triton_compile_s and triton_compiled_kernels, where Triton can say, and
+        kernel_warmup_wait_s or kernel_warmup_error where a helper compiled library kernels); the device's latest
+        readings. TensorBoard gets the record's numbers; log.jsonl all of it."""
         if not self.is_main:
             return
         self._append(record)
         if self._writer is not None:
             for key, value in record.items():
-                if key != "step":
+                if key != "step" and isinstance(value, (int, float)):  # not the helper's error, not kernel names
                     self._writer.add_scalar(f"train/{key}", value, record["step"])
             for name, value in device_readings.items():
                 self._writer.add_scalar(f"device/{name}", value, record["step"])
