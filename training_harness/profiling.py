@@ -147,8 +147,7 @@ class TritonCompileLog:
     Triton without the listener, it hears nothing and ``stop()`` says so with an empty dict."""
 
     def __init__(self) -> None:
-        self.kernels, self.seconds = 0, 0.0
-        self.seconds_by_name: dict[str, float] = {}
+        self.compiled: list[tuple[str, float]] = []  # (kernel name, seconds), one per compilation
         self._compilation = self._previous = None
 
     def start(self) -> TritonCompileLog:
@@ -163,11 +162,8 @@ class TritonCompileLog:
         if self._previous is not None:  # a listener set before ours still hears everything
             self._previous(times=times, cache_hit=cache_hit, **details)
         if not cache_hit:
-            seconds = times.total / 1e6  # microseconds
             name = (details.get("metadata") or {}).get("name", "unnamed")
-            self.kernels += 1
-            self.seconds += seconds
-            self.seconds_by_name[name] = self.seconds_by_name.get(name, 0.0) + seconds
+            self.compiled.append((name, times.total / 1e6))  # microseconds
 
     def stop(self) -> dict:
         """{"triton_compilations": N, "triton_compile_s": S, "triton_compiled_kernels": {name: seconds, longest
@@ -176,6 +172,9 @@ class TritonCompileLog:
             return {}
         self._compilation.listener = self._previous
         self._compilation = None
-        by_time = sorted(self.seconds_by_name.items(), key=lambda item: -item[1])
-        return {"triton_compilations": self.kernels, "triton_compile_s": self.seconds,
+        by_name: dict[str, float] = {}
+        for name, seconds in self.compiled:
+            by_name[name] = by_name.get(name, 0.0) + seconds
+        by_time = sorted(by_name.items(), key=lambda item: -item[1])
+        return {"triton_compilations": len(self.compiled), "triton_compile_s": sum(s for _, s in self.compiled),
                 "triton_compiled_kernels": {name: round(seconds, 3) for name, seconds in by_time}}
