@@ -1,5 +1,6 @@
 """The helper that compiles a family's library kernels beside the first step: it runs, fails loudly, stops."""
 
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,25 @@ def test_the_helper_runs_a_two_block_model_forward_and_backward(tmp_path):
     assert "kernel_warmup_wait_s" in record, log
     assert record["kernel_warmup_wait_s"] > 0
     assert "rwkv 0.5B, 2 blocks, micro-batch 2 x 32 tokens: forward and backward" in log
+
+
+def test_the_helper_leaves_its_kernels_where_inductor_points_the_training_process(tmp_path, monkeypatch):
+    inductor_cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
+    monkeypatch.setenv("TRITON_CACHE_DIR", "unset below")  # recorded, so that the test's end unsets it again
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    config = TrainConfig(model="rwkv", preset="tiny", seq_len=32, device="cpu")
+    kernel_warmup.start(config, micro_batch=1, vocab_rows=64, log_dir=tmp_path).finish()
+    # inductor's folder for device 0's kernels, where the training process looks once inductor has built one
+    triton_cache = str(inductor_cache / "triton" / "0")
+    assert os.environ["TRITON_CACHE_DIR"] == triton_cache
+    assert (tmp_path / kernel_warmup.LOG_NAME).read_text().strip().endswith(f"Triton cache {triton_cache}")
+
+
+def test_a_triton_cache_the_user_set_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    kernel_warmup.share_triton_cache(0)
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
 
 
 def test_a_failing_helper_reports_its_last_line(tmp_path):

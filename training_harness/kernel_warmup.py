@@ -4,8 +4,8 @@ fla's and mamba-ssm's Triton kernels compile in the training process the first t
 another, while inductor's workers compile the regions around them: RWKV-7's thirteen took ~12 s of a 34 s
 first step on an H200. The helper runs the same library calls once, forward and backward, on a model of two
 blocks at the run's shapes, micro-batch and precision, eagerly, and leaves the kernels in Triton's on-disk
-cache (``TRITON_CACHE_DIR``), where the training process finds them. It changes no result: a kernel the helper
-has not finished yet compiles in the training process as before. The trainer waits for the helper before its
+cache (``TRITON_CACHE_DIR``, which ``start`` sets for both processes), where the training process finds them. It
+changes no result: a kernel the helper has not finished yet compiles in the training process as before. The trainer waits for the helper before its
 first backward, so the helper's memory is gone before the gradients and AdamW state exist.
 
     python -m training_harness.kernel_warmup CONFIG_JSON MICRO_BATCH VOCAB_ROWS   (what ``start`` runs)
@@ -70,6 +70,7 @@ def start(config, micro_batch: int, vocab_rows: int, log_dir: Path) -> KernelWar
     import torch
 
     torch.ones(1, device=config.device)  # hold the device first: a GPU in exclusive-process mode refuses the helper
+    share_triton_cache(torch.device(config.device).index or 0)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / LOG_NAME
     with log_path.open("w") as log:  # the child keeps its own descriptor
@@ -78,6 +79,18 @@ def start(config, micro_batch: int, vocab_rows: int, log_dir: Path) -> KernelWar
              str(micro_batch), str(vocab_rows)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     return KernelWarmup(process, log_path)
+
+
+def share_triton_cache(device_index: int) -> None:
+    """Point this process's Triton cache, and so the helper's, at the folder inductor would give it. Where
+    ``TRITON_CACHE_DIR`` is not set, inductor sets it to a folder of its own cache when it builds its first kernel
+    (``torch._inductor.runtime.cache_dir_utils.triton_cache_dir``), after the helper has started with Triton's
+    default (``~/.triton/cache``): the training process then looked for the library's kernels where the helper
+    had not left them and compiled every one again itself, 9-13 s of RWKV-7's first step on an H200
+    (docs/performance.md, change 53). A folder the user set is kept."""
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+
+    os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(device_index)
 
 
 def warm(config, micro_batch: int, vocab_rows: int) -> float:
@@ -111,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig(**json.loads(config_json))
     seconds = warm(config, int(micro_batch), int(vocab_rows))
     print(f"{config.model} {config.model_size}, {WARMUP_BLOCKS} blocks, micro-batch {micro_batch} x "
-          f"{config.seq_len} tokens: forward and backward in {seconds:.1f} s", flush=True)
+          f"{config.seq_len} tokens: forward and backward in {seconds:.1f} s; Triton cache "
+          f"{os.environ.get('TRITON_CACHE_DIR', 'Triton default')}", flush=True)
     os._exit(0)  # the kernels are on disk and the run waits for this exit: skip the interpreter's teardown
 
 
