@@ -4,9 +4,10 @@ fla's and mamba-ssm's Triton kernels compile in the training process the first t
 another, while inductor's workers compile the regions around them: RWKV-7's thirteen took ~12 s of a 34 s
 first step on an H200. The helper runs the same library calls once, forward and backward, on a model of two
 blocks at the run's shapes, micro-batch and precision, eagerly, and leaves the kernels in Triton's on-disk
-cache (``TRITON_CACHE_DIR``, which ``start`` sets for both processes), where the training process finds them. It
-changes no result: a kernel the helper has not finished yet compiles in the training process as before. The trainer waits for the helper before its
-first backward, so the helper's memory is gone before the gradients and AdamW state exist.
+cache (``TRITON_CACHE_DIR``, which ``start`` sets for both processes), where the training process finds them.
+It changes no result: a kernel the helper has not finished yet compiles in the training process as before. The
+trainer waits for the helper before its first backward, so the helper's memory is gone before the gradients and
+AdamW state exist.
 
     python -m training_harness.kernel_warmup CONFIG_JSON MICRO_BATCH VOCAB_ROWS   (what ``start`` runs)
 """
