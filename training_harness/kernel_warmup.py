@@ -85,10 +85,10 @@ def start(config, micro_batch: int, vocab_rows: int, log_dir: Path) -> KernelWar
 def share_triton_cache(device_index: int) -> None:
     """Point this process's Triton cache, and so the helper's, at the folder inductor would give it. Where
     ``TRITON_CACHE_DIR`` is not set, inductor sets it to a folder of its own cache when it builds its first kernel
-    (``torch._inductor.runtime.cache_dir_utils.triton_cache_dir``), after the helper has started with Triton's
-    default (``~/.triton/cache``): the training process then looked for the library's kernels where the helper
-    had not left them and compiled every one again itself, 9-13 s of RWKV-7's first step on an H200
-    (docs/performance.md, change 53). A folder the user set is kept."""
+    (``torch._inductor.runtime.cache_dir_utils.triton_cache_dir``), after the helper has started; a helper left
+    with Triton's default (``~/.triton/cache``) compiles the library's kernels where the training process no
+    longer looks, and the training process compiles every one again (9-13 s of RWKV-7's first step on an H200;
+    docs/performance.md, change 53). A folder the user set is kept."""
     from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
 
     os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(device_index)
