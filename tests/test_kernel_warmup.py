@@ -3,10 +3,20 @@
 import os
 import subprocess
 import sys
+from unittest import mock
+
+import pytest
 
 from training_harness import kernel_warmup
 from training_harness.config import TrainConfig
 from training_harness.kernel_warmup import KernelWarmup
+
+
+@pytest.fixture(autouse=True)
+def environment_kept():
+    """``start`` sets TRITON_CACHE_DIR for the rest of its process: each test gives the environment back."""
+    with mock.patch.dict(os.environ):
+        yield
 
 
 def test_the_helper_runs_a_two_block_model_forward_and_backward(tmp_path):
@@ -22,8 +32,7 @@ def test_the_helper_runs_a_two_block_model_forward_and_backward(tmp_path):
 def test_the_helper_leaves_its_kernels_where_inductor_points_the_training_process(tmp_path, monkeypatch):
     inductor_cache = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
-    monkeypatch.setenv("TRITON_CACHE_DIR", "unset below")  # recorded, so that the test's end unsets it again
-    monkeypatch.delenv("TRITON_CACHE_DIR")
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     config = TrainConfig(model="rwkv", preset="tiny", seq_len=32, device="cpu")
     kernel_warmup.start(config, micro_batch=1, vocab_rows=64, log_dir=tmp_path).finish()
     # inductor's folder for device 0's kernels, where the training process looks once inductor has built one
