@@ -460,6 +460,22 @@ def test_gpu_runs_use_expandable_allocator_segments_unless_the_user_chose_settin
                         "chosen": "garbage_collection_threshold:0.8"}
 
 
+def test_activation_memory_budget_holds_inside_the_compute_context_only_and_needs_compile():
+    before = torch._functorch.config.activation_memory_budget
+    with trainer_module.compute_context(TrainConfig(compile=True, activation_memory_budget=0.6), torch.device("cpu")):
+        assert torch._functorch.config.activation_memory_budget == 0.6
+    assert torch._functorch.config.activation_memory_budget == before
+    with pytest.raises(ConfigError, match="needs --compile"):
+        TrainConfig(activation_memory_budget=0.6)
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\]"):
+        TrainConfig(compile=True, activation_memory_budget=0)
+
+
+def test_keep_recurrence_terms_is_refused_for_a_family_without_that_recurrence(data_dir, tmp_path, capsys):
+    assert run_in_process(data_dir, tmp_path / "run", "--max_steps", "1", "--keep_recurrence_terms") == 2
+    assert "--keep_recurrence_terms is for RWKV-7's recurrence; Qwen2.5 has none to keep" in capsys.readouterr().err
+
+
 def test_cuda_graphs_are_refused_where_they_cannot_run(data_dir, tmp_path, capsys):
     assert run_in_process(data_dir, tmp_path / "run", "--max_steps", "2", "--cuda_graphs") == 2
     assert "--cuda_graphs captures CUDA work; drop it on cpu" in capsys.readouterr().err

@@ -57,6 +57,13 @@ class TrainConfig:
         "help": "with --activation_checkpointing, recompute only the first N blocks (default: all); the memory "
                 "of the others' activations buys back their share of the recomputation"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each block and the loss"})
+    activation_memory_budget: float = field(default=1.0, metadata={
+        "help": "with --compile: the share of the compiled regions' activations kept for the backward, the rest "
+                "recomputed there from what is kept (torch._functorch.config.activation_memory_budget; 1.0: "
+                "torch's own choice): memory for other uses at the price of some recomputation"})
+    keep_recurrence_terms: bool = field(default=False, metadata={
+        "help": "RWKV-7 on fla's kernels: keep the recurrence's in-chunk matrices and WY form from the forward for "
+                "the backward instead of recomputing them (0.74 GB a block per 32,768 tokens; rwkv/wkv7.py)"})
     cuda_graphs: bool = field(default=False, metadata={
         "help": "on one CUDA device, capture the forward and backward passes of a step as one CUDA graph (at the "
                 "second step) and replay it: for steps whose kernels the host cannot launch as fast as the GPU "
@@ -108,6 +115,10 @@ class TrainConfig:
             (self.batch_size is None or self.batch_size > 0, "batch_size must be positive"),
             (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be positive"),
             (self.loss_chunk_tokens > 0, f"loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}"),
+            (0 < self.activation_memory_budget <= 1,
+             f"activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}"),
+            (self.activation_memory_budget == 1 or self.compile,
+             "activation_memory_budget shares out the compiled regions' activations and needs --compile"),
             (self.checkpoint_blocks is None or (self.activation_checkpointing and self.checkpoint_blocks > 0),
              "checkpoint_blocks must be positive and needs --activation_checkpointing"),
             (self.eval_windows >= 0, f"eval_windows must be 0 (all) or positive, got {self.eval_windows}"),

@@ -119,8 +119,11 @@ def recompute_blocks(model: torch.nn.Module, blocks: set[torch.nn.Module], cuda_
 
 
 def compute_context(config: TrainConfig, device: torch.device) -> contextlib.ExitStack:
-    """bf16 autocast for bf16-mixed, and the chosen attention kernel."""
+    """bf16 autocast for bf16-mixed, the chosen attention kernel, and the compiled regions' activation budget
+    (their forward and backward are split when the forward first runs, inside this context)."""
     stack = contextlib.ExitStack()
+    if config.activation_memory_budget < 1:
+        stack.enter_context(torch._functorch.config.patch(activation_memory_budget=config.activation_memory_budget))
     if config.precision == "bf16-mixed":
         # A CUDA graph cannot capture autocast's cache of cast weights; the casts are the same without it.
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not config.cuda_graphs)
@@ -213,6 +216,11 @@ class Trainer:
         model = build_model(self.family, config.model_size, config.preset, vocab_rows, context.device,
                             config.allow_slow_kernels)
         shape = self.family.shape(config.model_size, config.preset)
+        if config.keep_recurrence_terms:
+            if not hasattr(model.backbone, "keep_recurrence_terms"):
+                raise ConfigError(f"--keep_recurrence_terms is for RWKV-7's recurrence; {self.family.display_name} "
+                                  "has none to keep")
+            model.backbone.keep_recurrence_terms()
         if config.precision == "bf16":
             model = model.to(torch.bfloat16)
         model.loss_chunk_tokens = config.loss_chunk_tokens
