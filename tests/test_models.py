@@ -438,18 +438,24 @@ def test_rwkv_fla_kernel_matches_reference_with_gradients():
 
 @cuda
 @pytest.mark.gpu
-def test_rwkv_kernel_with_kept_chunk_states_matches_fla_recomputing_them():
+@pytest.mark.parametrize("value_block,multiprocessors,keep_in_chunk_terms",
+                         [(64, 1, False), (32, 16, False), (16, 1000, False), (16, 1000, True)])
+def test_rwkv_kernel_with_kept_chunk_states_matches_fla_recomputing_them(monkeypatch, value_block, multiprocessors,
+                                                                        keep_in_chunk_terms):
     """The same kernels on the same inputs: the backward's states, kept from the forward or recomputed by fla's
-    own chunk_rwkv7, must give the same output and gradients (a length that ends mid-chunk included)."""
+    own chunk_rwkv7, must give the same output and gradients (a length that ends mid-chunk included), with the
+    state passes in fla's blocks of 64 value columns or in narrower ones, and with the in-chunk terms kept."""
     from fla.ops.rwkv7 import chunk_rwkv7
 
     from rwkv.wkv7 import LOG_DECAY_LOWER_BOUND, wkv7_fla
 
     if not wkv7.keeps_chunk_states():
         pytest.skip(f"ChunkWKV7 runs with flash-linear-attention {wkv7.CHUNK_STATES_FLA_VERSION} only")
-    ours = wkv7_kernel_inputs(seed=4)
+    monkeypatch.setattr(wkv7, "_multiprocessors", lambda device: multiprocessors)
+    ours = wkv7_kernel_inputs(seed=4)  # 2 sequences x 4 heads: 8 programs in blocks of 64 columns
+    assert wkv7._state_pass_blocks(8, 64, 64, 64, ours[0].device) == (64, value_block)
     fla = [t.detach().clone().requires_grad_() for t in ours]
-    out = wkv7_fla(*ours)
+    out = wkv7_fla(*ours, keep_in_chunk_terms=keep_in_chunk_terms)
     want, _ = chunk_rwkv7(*fla, scale=1.0, safe_gate=True, lower_bound=LOG_DECAY_LOWER_BOUND)
     assert torch.equal(out, want)
     grad = torch.randn_like(out)
@@ -688,3 +694,22 @@ def test_torch_workarounds_apply_up_to_the_newest_release_they_were_seen_on():
     cache = next(w for w in COMPILE_WORKAROUNDS if w.name == "autograd_cache")
     assert cache.needed("2.11.0+cu130") and cache.needed("2.13.0+cpu") and cache.needed("2.9.1")
     assert not cache.needed("2.14.0") and not cache.needed("3.0.0")
+
+
+def test_rwkv_blocks_hand_keep_recurrence_terms_to_the_kernel(monkeypatch):
+    """``keep_recurrence_terms`` reaches fla's kernel call in every block (the reference stands in for it)."""
+    calls = []
+
+    def kernel(r, w, k, v, a, b, keep_in_chunk_terms=False):
+        calls.append(keep_in_chunk_terms)
+        return wkv7_reference(r, w, k, v, a, b)[0]
+
+    monkeypatch.setattr(rwkv_model, "wkv7_fla", kernel)
+    model = get_family("rwkv").build(rwkv_model.SHAPES["tiny"]["0.5B"], VOCAB, "cpu", False)
+    for block in model.blocks:
+        block.att.fused = True
+    tokens = torch.randint(0, VOCAB, (1, 8))
+    model(tokens, tokens)
+    model.backbone.keep_recurrence_terms()
+    model(tokens, tokens)
+    assert calls == [False] * len(model.blocks) + [True] * len(model.blocks)
