@@ -228,6 +228,9 @@ class RWKV7Backbone(nn.Module):
         """Every block's recurrence keeps its in-chunk terms for the backward instead of recomputing them
         (``rwkv.wkv7.ChunkWKV7``): about 4 % of a block's time for 0.74 GB per 32,768 tokens. Only fla's kernels
         recompute them; the reference path keeps everything anyway."""
+        if self.blocks[0].att.fused and not keeps_chunk_states():
+            warnings.warn(f"keep_recurrence_terms keeps nothing with this flash-linear-attention release (its "
+                          f"chunk_rwkv7 recomputes them); it needs {CHUNK_STATES_FLA_VERSION}", stacklevel=2)
         for block in self.blocks:
             block.att.keep_in_chunk_terms = True
 
@@ -282,10 +285,13 @@ def stock_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 FAMILY = ModelFamily(
     name="rwkv", display_name="RWKV-7", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=wkv_flops_per_token,
-    # device peaks 75.3, 79.7 and 78.9 GB on an H200 with change 50's kept chunk states (docs/performance.md);
-    # replaying each step as a CUDA graph, without the host's gaps between launches, gave 1.5 %, 2-3 % and 13 %
-    # more tokens/s; bf16 working weights (change 52) 0.3 % more at 0.5B, where their 0.1 GB fits
-    gpu_plan={"0.5B": {"micro_batch_size": 4, "cuda_graphs": True, "working_weights": True},
+    # device peaks 73.5, 79.7 and 78.9 GB on an H200 (docs/performance.md); replaying each step as a CUDA graph,
+    # without the host's gaps between launches, gave 1.5 %, 2-3 % and 13 % more tokens/s; bf16 working weights
+    # (change 52) 0.3 % more at 0.5B, where their 0.1 GB fits; at 0.5B the compiled regions give up 19 GB of
+    # activations for 2 % of recomputation, and the recurrence's kept in-chunk terms take 18 GB of it to save
+    # 5 % (change 55: 3.4-3.5 % in all)
+    gpu_plan={"0.5B": {"micro_batch_size": 4, "cuda_graphs": True, "working_weights": True,
+                       "activation_memory_budget": 0.7, "keep_recurrence_terms": True},
               "1.5B": {"micro_batch_size": 1, "cuda_graphs": True},
               "3B": {"micro_batch_size": 1, "activation_checkpointing": True, "checkpoint_blocks": 32,
                      "cuda_graphs": True}},

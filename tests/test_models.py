@@ -6,6 +6,7 @@ import math
 import re
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -696,8 +697,10 @@ def test_torch_workarounds_apply_up_to_the_newest_release_they_were_seen_on():
     assert not cache.needed("2.14.0") and not cache.needed("3.0.0")
 
 
-def test_rwkv_blocks_hand_keep_recurrence_terms_to_the_kernel(monkeypatch):
-    """``keep_recurrence_terms`` reaches fla's kernel call in every block (the reference stands in for it)."""
+@pytest.mark.parametrize("fla_release_keeps", [True, False])
+def test_rwkv_blocks_hand_keep_recurrence_terms_to_the_kernel(monkeypatch, fla_release_keeps):
+    """``keep_recurrence_terms`` reaches fla's kernel call in every block (the reference stands in for it), and
+    warns where the installed fla release cannot keep them."""
     calls = []
 
     def kernel(r, w, k, v, a, b, keep_in_chunk_terms=False):
@@ -705,11 +708,15 @@ def test_rwkv_blocks_hand_keep_recurrence_terms_to_the_kernel(monkeypatch):
         return wkv7_reference(r, w, k, v, a, b)[0]
 
     monkeypatch.setattr(rwkv_model, "wkv7_fla", kernel)
+    monkeypatch.setattr(rwkv_model, "keeps_chunk_states", lambda: fla_release_keeps)
     model = get_family("rwkv").build(rwkv_model.SHAPES["tiny"]["0.5B"], VOCAB, "cpu", False)
     for block in model.blocks:
         block.att.fused = True
     tokens = torch.randint(0, VOCAB, (1, 8))
     model(tokens, tokens)
-    model.backbone.keep_recurrence_terms()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.backbone.keep_recurrence_terms()
+    assert any("keeps nothing" in str(w.message) for w in caught) is not fla_release_keeps
     model(tokens, tokens)
     assert calls == [False] * len(model.blocks) + [True] * len(model.blocks)
