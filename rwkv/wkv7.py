@@ -165,7 +165,7 @@ def _in_chunk_terms(r, k, v, a, b, gi, ge, chunk_size: int) -> tuple[InChunkTerm
 
 
 def _forward_state_pass(kg, v, w, u, bg, gi, chunk_size: int):
-    """fla's ``chunk_dplr_fwd_h`` (no initial or final state) in ``_value_block`` columns: the state at each
+    """fla's ``chunk_dplr_fwd_h`` (no initial or final state) in ``_state_pass_blocks``' blocks: the state at each
     chunk's start (B, chunks, H, K, V) and the chunks' corrected values (like u)."""
     from fla.ops.generalized_delta_rule.dplr.chunk_h_fwd import chunk_dplr_fwd_kernel_h
 
@@ -182,7 +182,7 @@ def _forward_state_pass(kg, v, w, u, bg, gi, chunk_size: int):
 
 
 def _backward_state_pass(qg, bg, w, gi, d_output, dv, chunk_size: int):
-    """fla's ``chunk_dplr_bwd_dhu`` (no initial or final state) in ``_value_block`` columns: the state's
+    """fla's ``chunk_dplr_bwd_dhu`` (no initial or final state) in ``_state_pass_blocks``' blocks: the state's
     gradient at each chunk's start and the corrected values' gradient (like dv)."""
     from fla.ops.generalized_delta_rule.dplr.chunk_h_bwd import chunk_dplr_bwd_kernel_dhu
 
@@ -223,7 +223,7 @@ def _state_pass_blocks(sequences_heads: int, key_dim: int, value_dim: int, chunk
     return min(sub_chunk, chunk_size), value_block
 
 
-#: The narrowest block of value columns the state passes take.
+#: The narrowest block of value columns the state passes take: Triton's matrix products need 16.
 _NARROWEST_VALUE_BLOCK = 16
 
 
