@@ -226,7 +226,7 @@ class RWKV7Backbone(nn.Module):
 
     def keep_recurrence_terms(self) -> None:
         """Every block's recurrence keeps its in-chunk terms for the backward instead of recomputing them
-        (``rwkv.wkv7.ChunkWKV7``): about 4 % of a block's time for 0.74 GB per 32,768 tokens. Only fla's kernels
+        (``rwkv.wkv7.ChunkWKV7``): about 5 % of a block's time for 0.74 GB per 32,768 tokens. Only fla's kernels
         recompute them; the reference path keeps everything anyway."""
         if self.blocks[0].att.fused and not keeps_chunk_states():
             warnings.warn(f"keep_recurrence_terms keeps nothing with this flash-linear-attention release (its "
