@@ -285,14 +285,15 @@ def stock_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 FAMILY = ModelFamily(
     name="rwkv", display_name="RWKV-7", default_tokenizer="EleutherAI/pythia-410m", tokenizer_vocab=50_277,
     shapes=SHAPES, build=build, sequence_flops_per_token=wkv_flops_per_token,
-    # device peaks 73.5, 79.7 and 78.9 GB on an H200 (docs/performance.md); replaying each step as a CUDA graph,
-    # without the host's gaps between launches, gave 1.5 %, 2-3 % and 13 % more tokens/s; bf16 working weights
-    # (change 52) 0.3 % more at 0.5B, where their 0.1 GB fits; at 0.5B the compiled regions give up 19 GB of
-    # activations for 2 % of recomputation, and the recurrence's kept in-chunk terms take 18 GB of it to save
-    # 5 % (change 55: 3.4-3.5 % in all)
+    # device peaks 73.5, 78.6 and 78.9 GB on an H200 (docs/performance.md); replaying each step as a CUDA graph,
+    # without the host's gaps between launches, gave 1.5 %, 2-3 % and 13 % more tokens/s. At 0.5B and 1.5B the
+    # compiled regions give up activations (at 0.5B for 2 % of the step), and the recurrence's kept in-chunk terms
+    # take that memory to save more: 3.4-3.5 % and 1.6 % in all (changes 55 and 56); bf16 working weights
+    # (change 52) add 0.3 % and 1.5-1.8 %, cast once a step for two and four micro-batches
     gpu_plan={"0.5B": {"micro_batch_size": 4, "cuda_graphs": True, "working_weights": True,
                        "activation_memory_budget": 0.7, "keep_recurrence_terms": True},
-              "1.5B": {"micro_batch_size": 1, "cuda_graphs": True},
+              "1.5B": {"micro_batch_size": 1, "cuda_graphs": True, "working_weights": True,
+                       "activation_memory_budget": 0.7, "keep_recurrence_terms": True},
               "3B": {"micro_batch_size": 1, "activation_checkpointing": True, "checkpoint_blocks": 32,
                      "cuda_graphs": True}},
     published_ranks={"ppl": 3, "amu_gb": 2, "al_s_per_iter": 2, "tt_tokens_per_param_s": 2, "aec_w": 2},
