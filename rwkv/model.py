@@ -288,8 +288,8 @@ FAMILY = ModelFamily(
     # device peaks 73.5, 78.6 and 78.9 GB on an H200 (docs/performance.md); replaying each step as a CUDA graph,
     # without the host's gaps between launches, gave 1.5 %, 2-3 % and 13 % more tokens/s. At 0.5B and 1.5B the
     # compiled regions give up activations (at 0.5B for 2 % of the step), and the recurrence's kept in-chunk terms
-    # take that memory to save more: 3.4-3.5 % and 1.6 % in all (changes 55 and 56); bf16 working weights
-    # (change 52) add 0.3 % and 1.5-1.8 %, cast once a step for two and four micro-batches
+    # take that memory to save more: 3.4-3.5 % and 1.6 % in all (changes 55 and 56); bf16 working weights add
+    # 0.3 % and 1.5-1.8 % (changes 52 and 56), cast once a step for two and four micro-batches
     gpu_plan={"0.5B": {"micro_batch_size": 4, "cuda_graphs": True, "working_weights": True,
                        "activation_memory_budget": 0.7, "keep_recurrence_terms": True},
               "1.5B": {"micro_batch_size": 1, "cuda_graphs": True, "working_weights": True,
